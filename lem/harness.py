@@ -1,0 +1,313 @@
+"""The one training harness behind every experiment's train.py.
+
+An experiment subclasses `Task` (its data, model, loss, metric and paper defaults) and calls
+`run(MyTask)`. The harness does the rest: arguments, seeding, device, Adam, lr step decay,
+gradient clipping, evaluation and model selection on validation, result logs, checkpoints,
+exact resume, clean stop on Ctrl-C/SIGTERM and the NaN guard.
+
+Training is cut into epochs; each epoch is a list of cheap batch keys (index tensors, seeds)
+fixed by (seed, epoch) alone, so a resumed run replays exactly the batches it would have seen.
+"""
+import argparse
+import inspect
+import json
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import runlog
+from .data import data_dir as resolve_data_dir
+
+
+class Task:
+    """What an experiment states. Subclass it in <experiment>/train.py."""
+
+    name = None               # the experiment folder, e.g. "fitzhugh_nagumo"
+    metric = None             # key of evaluate()'s dict used for model selection and reports
+    higher_is_better = False
+    paper = None              # the paper's figure (SPEC §2)
+    defaults = {}             # paper hyper-parameters of the common flags (SPEC §3)
+    eval_splits = ("valid", "test")
+
+    @staticmethod
+    def add_arguments(parser):
+        """Flags only this experiment has."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+
+    def run_name(self):
+        a = self.args
+        return f"{a.model}_h{a.nhid}_seed{a.seed}"
+
+    def num_epochs(self):
+        return self.args.epochs
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def train_batches(self, epoch):
+        """The keys of this epoch's batches, in order; loss() turns one into a loss."""
+        raise NotImplementedError
+
+    def loss(self, model, batch):
+        raise NotImplementedError
+
+    def evaluate(self, model, split):
+        """A dict of metrics on one split; must hold self.metric."""
+        raise NotImplementedError
+
+    def state_dict(self):
+        """Task state a checkpoint must keep beyond model, optimizer and RNGs."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def shuffled_batches(n, batch_size, seed, epoch):
+    """Index batches of a random permutation of range(n), fixed by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def batches_in_order(n, batch_size):
+    return list(torch.arange(n).split(batch_size))
+
+
+def build_parser(task_cls):
+    d = {"model": "lem", "nhid": 128, "epochs": 100, "batch": 128, "lr": 1e-3, "dt": 1.0, "seed": 5544,
+         "grad_norm": 0.0, "lr_decay_epoch": None, **task_cls.defaults}
+    p = argparse.ArgumentParser(description=f"Train on {task_cls.name} (defaults: the paper's settings, SPEC §3)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d["model"], choices=["lem", "lstm", "gru"])
+    p.add_argument("--nhid", type=int, default=d["nhid"], help="hidden units")
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--batch", type=int, default=d["batch"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--dt", type=float, default=d["dt"], help="LEM's Δt")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--grad_norm", type=float, default=d["grad_norm"], help="gradient-norm clip, 0 = off")
+    p.add_argument("--lr_decay_epoch", type=int, default=d["lr_decay_epoch"], help="lr/10 from this epoch on")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--data-dir", dest="data_dir", default=None,
+                   help="data folder (default: $LEM_DATA, else data/ at the repository root)")
+    p.add_argument("--out-dir", dest="out_dir", default=None,
+                   help="where run folders go (default: <experiment>/results)")
+    p.add_argument("--run-name", dest="run_name", default=None, help="default: <model>_h<nhid>_seed<seed>")
+    p.add_argument("--resume", action="store_true", help="continue the run of the same name from its checkpoint")
+    p.add_argument("--max-time", dest="max_time", type=float, default=None,
+                   help="stop cleanly (resumable) after this many seconds")
+    task_cls.add_arguments(p)
+    return p
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """First Ctrl-C or SIGTERM asks the loop to save and stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Run:
+    """The run folder <experiment>/results/<run-name>/ and everything written into it."""
+
+    def __init__(self, folder, task_cls):
+        self.folder = Path(folder)
+        self.task_cls = task_cls
+        self.checkpoint = self.folder / "checkpoint.pt"
+
+    def write_logs(self, history):
+        lines = [json.dumps(r) for r in history]
+        runlog.write_text(self.folder / "log.jsonl", "".join(line + "\n" for line in lines))
+        runlog.write_text(self.folder / "log.txt", "".join(runlog.format_record(r) + "\n" for r in history))
+
+    def write_summary(self, state, status, config):
+        t = self.task_cls
+        best = state["best"]
+        last = state["history"][-1] if state["history"] else None
+        selected = best if "valid" in t.eval_splits else last
+        summary = {
+            "experiment": t.name, "model": config["args"]["model"], "seed": config["args"]["seed"],
+            "run_name": self.folder.name, "metric": t.metric, "higher_is_better": t.higher_is_better,
+            "paper": t.paper, "status": status, "epochs_done": state["epoch"], "steps": state["step"],
+            "wall_time_s": round(state["elapsed"], 1),
+            "best_epoch": selected["epoch"] if selected else None,
+            "valid": selected["valid"][t.metric] if selected and "valid" in selected else None,
+            "test": selected["test"][t.metric] if selected and "test" in selected else None,
+            "last": last,
+        }
+        runlog.write_json(self.folder / "summary.json", summary)
+        return summary
+
+
+RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir"}
+
+
+def check_same_arguments(saved, given):
+    changed = {k: (saved.get(k), v) for k, v in given.items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v}
+    if changed:
+        sys.exit("--resume with other arguments than the run was started with: "
+                 + ", ".join(f"--{k} {new} (run has {old})" for k, (old, new) in changed.items()))
+
+
+def is_better(task_cls, value, best_value):
+    if best_value is None:
+        return True
+    return value > best_value if task_cls.higher_is_better else value < best_value
+
+
+def evaluate(task, model):
+    model.eval()
+    with torch.no_grad():
+        metrics = {split: task.evaluate(model, split) for split in task.eval_splits}
+    model.train()
+    return metrics
+
+
+def run(task_cls, argv=None):
+    """Parse arguments, train, evaluate, log. Returns the summary dict; exits 1 on NaN."""
+    args = build_parser(task_cls).parse_args(argv)
+    experiment_dir = Path(inspect.getfile(task_cls)).resolve().parent
+    args.data_dir = str(resolve_data_dir(args.data_dir))
+    device = pick_device(args.device)
+
+    seed_everything(args.seed)
+    task = task_cls(args, device)
+    run_name = args.run_name or task.run_name()
+    out = Run(Path(args.out_dir or experiment_dir / "results") / run_name, task_cls)
+    if out.checkpoint.exists() and not args.resume:
+        sys.exit(f"{out.folder} already holds a run: pass --resume to continue it, or --run-name for a new one")
+    if args.resume and not out.checkpoint.exists():
+        sys.exit(f"--resume: no checkpoint at {out.checkpoint}")
+
+    model = task.build_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
+    if args.resume:
+        ckpt = torch.load(out.checkpoint, map_location=device, weights_only=False)
+        check_same_arguments(ckpt["args"], vars(args))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        task.load_state_dict(ckpt["task"])
+        set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+        print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
+
+    config = {"args": vars(args), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters()),
+              **runlog.environment(device)}
+    runlog.write_json(out.folder / "config.json", config)
+
+    def save():
+        runlog.save_checkpoint(out.checkpoint, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
+            "rng": rng_state(), "state": state, "args": vars(args)})
+
+    status = "finished"
+    started = time.time() - state["elapsed"]
+    with StopRequest() as stop:
+        while state["epoch"] < task.num_epochs() and status == "finished":
+            epoch = state["epoch"]
+            decay = args.lr_decay_epoch is not None and epoch >= args.lr_decay_epoch
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr / 10 if decay else args.lr
+            batches = task.train_batches(epoch)
+            bar = tqdm(range(state["batch"], len(batches)), desc=f"epoch {epoch + 1}/{task.num_epochs()}",
+                       leave=False, disable=None)
+            for i in bar:
+                loss = task.loss(model, batches[i])
+                if not torch.isfinite(loss):
+                    status = "nan"
+                    print(f"loss is {loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; the last good "
+                          f"checkpoint ({out.checkpoint}) is kept", file=sys.stderr)
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.grad_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), args.grad_norm)
+                optimizer.step()
+                state["step"] += 1
+                state["batch"] = i + 1
+                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+                out_of_time = args.max_time is not None and time.time() - started > args.max_time
+                if (stop.requested or out_of_time) and i + 1 < len(batches):
+                    status = "interrupted"
+                    break
+            bar.close()
+            if status != "finished":
+                break
+            metrics = evaluate(task, model)
+            state["elapsed"] = time.time() - started
+            record = {"epoch": epoch + 1, "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
+                      "time_s": round(state["elapsed"], 2), **metrics}
+            if "valid" in metrics and is_better(task_cls, metrics["valid"][task_cls.metric],
+                                                state["best"] and state["best"]["valid"][task_cls.metric]):
+                state["best"] = record
+            state["history"].append(record)
+            state["epoch"], state["batch"] = epoch + 1, 0
+            save()
+            out.write_logs(state["history"])
+            out.write_summary(state, "running", config)
+            print(runlog.format_record(record), flush=True)
+            if stop.requested or (args.max_time is not None and time.time() - started > args.max_time):
+                if state["epoch"] < task.num_epochs():
+                    status = "interrupted"
+
+    state["elapsed"] = time.time() - started
+    if status == "interrupted":
+        save()
+        print(f"stopped; continue with the same command and --resume ({out.folder})", file=sys.stderr)
+    summary = out.write_summary(state, status, config)
+    if status == "finished":
+        print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {task_cls.paper}); logs in {out.folder}")
+    if status == "nan":
+        sys.exit(1)
+    return summary
