@@ -16,10 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def lem_step(u_proj, y, z, hid2hid, transform_z, dt):
-    """One LEM step. u_proj = inp2hid(u_n), already computed for all steps at once."""
+def lem_step(u_proj, y, z, hid2hid, transform_z, dt, y_mask=None):
+    """One LEM step. u_proj = inp2hid(u_n), already computed for all steps at once.
+    y_mask: optional state-dropout mask on y_{n-1} where it enters the recurrent weights."""
     u_gate_y, u_gate_z, u_cand_y, u_cand_z = u_proj.chunk(4, -1)
-    h_gate_y, h_gate_z, h_cand_z = hid2hid(y).chunk(3, -1)
+    h_gate_y, h_gate_z, h_cand_z = hid2hid(y if y_mask is None else y * y_mask).chunk(3, -1)
     dt_y = dt * torch.sigmoid(u_gate_y + h_gate_y)
     dt_z = dt * torch.sigmoid(u_gate_z + h_gate_z)
     z = (1.0 - dt_z) * z + dt_z * torch.tanh(u_cand_z + h_cand_z)
@@ -85,11 +86,25 @@ class LEM(_LEMParameters):
     ys, (y_T, z_T) = LEM(input_size, hidden_size, dt)(x, state=None)
     x: (T, B, input_size), or (B, T, input_size) with batch_first=True; ys has the same layout
     with hidden_size features; state is an optional (y0, z0), each (B, hidden_size).
+
+    state_dropout > 0 (PTB, SPEC §3.9): in training, variational dropout on the recurrent state:
+    one mask per call (a sequence window), multiplying y_{n-1} where it enters hid2hid at every
+    step; the leaky carry (1 − Δt̄_n) ⊙ y_{n-1} and the outputs are not masked.
     """
 
-    def __init__(self, input_size, hidden_size, dt=1.0, batch_first=False):
+    def __init__(self, input_size, hidden_size, dt=1.0, batch_first=False, state_dropout=0.0):
         super().__init__(input_size, hidden_size, dt)
+        if not 0.0 <= state_dropout < 1.0:
+            raise ValueError(f"state_dropout must be in [0, 1), got {state_dropout}")
         self.batch_first = batch_first
+        self.state_dropout = state_dropout
+
+    def state_dropout_mask(self, batch, like):
+        """The per-window mask (batch, hidden), scaled by 1/(1 − p); None when not in use."""
+        p = self.state_dropout
+        if not self.training or p == 0.0:
+            return None
+        return like.new_empty(batch, self.hidden_size).bernoulli_(1.0 - p) / (1.0 - p)
 
     def forward(self, x, state=None):
         if x.dim() != 3:
@@ -99,10 +114,11 @@ class LEM(_LEMParameters):
         if self.batch_first:
             x = x.transpose(0, 1)
         y, z = self._initial_state(state, x.size(1), x)
+        y_mask = self.state_dropout_mask(x.size(1), x)
         u_proj = self.inp2hid(x)  # the input projection of all T steps in one GEMM
         ys = []
         for u in u_proj:
-            y, z = lem_step(u, y, z, self.hid2hid, self.transform_z, self.dt)
+            y, z = lem_step(u, y, z, self.hid2hid, self.transform_z, self.dt, y_mask)
             ys.append(y)
         ys = torch.stack(ys)
         if self.batch_first:
