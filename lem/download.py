@@ -1,0 +1,85 @@
+"""Downloads every experiment shares: streamed with a tqdm bar, resumed after an interruption
+(HTTP Range on the .part file), retried, checksummed, and renamed into place atomically."""
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def file_digest(path, algorithm="sha256"):
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def by_hand(url, path):
+    return f"Download {url} by hand and place it at {path} (folder {Path(path).parent})."
+
+
+def download(url, path, sha256=None, md5=None, retries=4, timeout=60, chunk_size=1 << 20):
+    """Fetch url into path unless a file with the right checksum is already there. Returns path.
+
+    A partial download is kept as <path>.part and continued on the next try or call; the file
+    appears under its final name only once complete and verified.
+    """
+    path = Path(path)
+    expected = ("sha256", sha256) if sha256 else ("md5", md5) if md5 else None
+    if path.exists() and (expected is None or file_digest(path, expected[0]) == expected[1]):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    error = None
+    for attempt in range(retries):
+        try:
+            _fetch(url, part, timeout, chunk_size)
+            break
+        except requests.HTTPError as e:
+            status = e.response.status_code
+            if 400 <= status < 500 and status not in (408, 429):
+                raise DownloadError(f"{url} answered HTTP {status}. {by_hand(url, path)}") from None
+            error = e
+        except (requests.RequestException, OSError, DownloadError) as e:
+            error = e
+        time.sleep(min(2 ** attempt, 30) * 0.5)
+    else:
+        raise DownloadError(f"could not download {url} after {retries} tries ({error}). {by_hand(url, path)}")
+    if expected is not None:
+        algorithm, digest = expected
+        actual = file_digest(part, algorithm)
+        if actual != digest:
+            part.unlink()
+            raise DownloadError(f"{algorithm} of the file downloaded from {url} is {actual}, expected {digest}; "
+                                f"the file was removed. {by_hand(url, path)}")
+    os.replace(part, path)
+    return path
+
+
+def _fetch(url, part, timeout, chunk_size):
+    """One try: continue <part> from its current size (or start it), to the end of the resource."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, stream=True, headers=headers, timeout=timeout) as r:
+        if r.status_code == 416 and have:  # nothing left to fetch: the .part is already whole
+            return
+        r.raise_for_status()
+        if have and r.status_code != 206:  # the server ignored the Range header: start over
+            have = 0
+        length = r.headers.get("Content-Length")
+        total = int(length) + have if length is not None else None
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=None) as bar:
+            for block in r.iter_content(chunk_size):
+                f.write(block)
+                bar.update(len(block))
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise DownloadError(f"connection closed at {size} of {total} bytes")
