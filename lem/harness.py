@@ -94,6 +94,8 @@ def build_parser(task_cls):
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--dt", type=float, default=d["dt"], help="LEM's Δt")
     p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="one run per seed, one after another (summarise with python -m lem.results)")
     p.add_argument("--grad_norm", type=float, default=d["grad_norm"], help="gradient-norm clip, 0 = off")
     p.add_argument("--lr_decay_epoch", type=int, default=d["lr_decay_epoch"], help="lr/10 from this epoch on")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -189,7 +191,7 @@ class Run:
         return summary
 
 
-RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir"}
+RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds"}
 
 
 def check_same_arguments(saved, given):
@@ -214,10 +216,18 @@ def evaluate(task, model):
 
 
 def run(task_cls, argv=None):
-    """Parse arguments, train, evaluate, log. Returns the summary dict; exits 1 on NaN."""
+    """Parse arguments and train one run per seed. Returns the list of summary dicts."""
     args = build_parser(task_cls).parse_args(argv)
-    experiment_dir = Path(inspect.getfile(task_cls)).resolve().parent
     args.data_dir = str(resolve_data_dir(args.data_dir))
+    summaries = []
+    for seed in args.seeds or [args.seed]:
+        summaries.append(train(task_cls, argparse.Namespace(**{**vars(args), "seed": seed})))
+    return summaries
+
+
+def train(task_cls, args):
+    """Train, evaluate, log one run. Returns its summary dict; exits 1 on NaN."""
+    experiment_dir = Path(inspect.getfile(task_cls)).resolve().parent
     device = pick_device(args.device)
 
     seed_everything(args.seed)
