@@ -31,7 +31,7 @@ def lem_step(u_proj, y, z, hid2hid, transform_z, dt, y_mask=None):
 class _LEMParameters(nn.Module):
     """The three linears of SPEC §1, shared by LEMCell (one step) and LEM (a sequence)."""
 
-    def __init__(self, input_size, hidden_size, dt):
+    def __init__(self, input_size, hidden_size, dt=1.0):
         super().__init__()
         if input_size <= 0 or hidden_size <= 0:
             raise ValueError(f"input_size and hidden_size must be positive, got {input_size}, {hidden_size}")

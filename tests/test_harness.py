@@ -1,0 +1,173 @@
+"""The training harness through real train.py runs: logs, resume after SIGKILL/SIGTERM, NaN guard."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lem
+from lem import results
+from helpers import REPO, read_run, run_train, train_env
+
+FHN_TINY = ["--n_train", 16, "--n_valid", 8, "--n_test", 8, "--nhid", 8, "--batch", 4]
+
+
+def metrics_only(log):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in log]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def fhn_reference(tmp_path_factory, data_dir):
+    """A FitzHugh-Nagumo run that was never stopped."""
+    out = tmp_path_factory.mktemp("fhn_ref")
+    run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, out_dir=out, data_dir=data_dir)
+    return read_run(out / "lem_h8_seed1234")
+
+
+def test_fitzhugh_nagumo_run_writes_every_log_file(fhn_reference):
+    summary, config, log = fhn_reference
+    assert summary["status"] == "finished" and summary["epochs_done"] == 4 and summary["steps"] == 16
+    assert summary["metric"] == "rmse" and summary["paper"] == 0.002
+    best = min(log, key=lambda r: r["valid"]["rmse"])
+    assert summary["best_epoch"] == best["epoch"] and summary["test"] == best["test"]["rmse"]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert config["args"]["lr"] == 0.00904 and config["args"]["dt"] == 1.0 and config["args"]["seed"] == 1234
+    assert config["versions"]["torch"] == torch.__version__ and config["device"] == "cpu"
+
+
+def test_adding_run_end_to_end(tmp_path):
+    run_train("adding", "--seq_length", 20, "--max_iter", 150, "--test_size", 40, "--nhid", 8,
+              out_dir=tmp_path, data_dir=tmp_path)
+    summary, config, log = read_run(tmp_path / "lem_T20_h8_seed5544")
+    assert [r["step"] for r in log] == [100, 150]  # test MSE every 100 iterations, and at the end
+    assert summary["status"] == "finished" and summary["test"] == log[-1]["test"]["mse"]
+    assert (tmp_path / "lem_T20_h8_seed5544" / "log.txt").read_text().count("test_mse=") == 2
+
+
+ADDING_TINY = ["--seq_length", 20, "--max_iter", 100, "--test_size", 40, "--nhid", 8]
+
+
+@pytest.mark.parametrize("model", ["lstm", "gru"])
+def test_baselines_run_through_the_same_pipeline(tmp_path, model):
+    run_train("adding", *ADDING_TINY, "--model", model, out_dir=tmp_path, data_dir=tmp_path)
+    summary, _, _ = read_run(tmp_path / f"{model}_T20_h8_seed5544")
+    assert summary["model"] == model and summary["status"] == "finished"
+
+
+def start_train(out, data_dir, *extra):
+    cmd = [sys.executable, str(REPO / "fitzhugh_nagumo" / "train.py"), *map(str, FHN_TINY), "--epochs", "4",
+           "--out-dir", str(out), "--data-dir", str(data_dir), "--device", "cpu", *extra]
+    return subprocess.Popen(cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_records(log_file, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log_file.exists() and len(log_file.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError(log_file)
+
+
+def test_sigkill_then_resume_gives_the_same_numbers(tmp_path, data_dir, fhn_reference):
+    proc = start_train(tmp_path, data_dir)
+    wait_for_records(tmp_path / "lem_h8_seed1234" / "log.jsonl", 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, "--resume", out_dir=tmp_path, data_dir=data_dir)
+    summary, _, log = read_run(tmp_path / "lem_h8_seed1234")
+    ref_summary, _, ref_log = fhn_reference
+    assert metrics_only(log) == metrics_only(ref_log)
+    assert summary["test"] == ref_summary["test"] and summary["status"] == "finished"
+
+
+def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, data_dir, fhn_reference):
+    proc = start_train(tmp_path, data_dir)
+    wait_for_records(tmp_path / "lem_h8_seed1234" / "log.jsonl", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    summary, _, _ = read_run(tmp_path / "lem_h8_seed1234")
+    assert summary["status"] == "interrupted" and "--resume" in stderr
+    ckpt = torch.load(tmp_path / "lem_h8_seed1234" / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["step"] < 16
+    run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, "--resume", out_dir=tmp_path, data_dir=data_dir)
+    summary, _, log = read_run(tmp_path / "lem_h8_seed1234")
+    assert metrics_only(log) == metrics_only(fhn_reference[2])
+    assert summary["test"] == fhn_reference[0]["test"]
+
+
+def test_existing_run_needs_resume_and_resume_needs_same_arguments(tmp_path):
+    run_train("adding", *ADDING_TINY, out_dir=tmp_path, data_dir=tmp_path)
+    again = run_train("adding", *ADDING_TINY, out_dir=tmp_path, data_dir=tmp_path, check=False)
+    assert again.returncode != 0 and "--resume" in again.stderr
+    other = run_train("adding", *ADDING_TINY, "--lr", 0.1, "--resume", out_dir=tmp_path, data_dir=tmp_path, check=False)
+    assert other.returncode != 0 and "--lr 0.1" in other.stderr
+    missing = run_train("adding", *ADDING_TINY, "--resume", "--run-name", "nothing",
+                        out_dir=tmp_path, data_dir=tmp_path, check=False)
+    assert missing.returncode != 0 and "no checkpoint" in missing.stderr
+
+
+class ExplodingTask(lem.Task):
+    """Linear regression whose loss turns NaN at the third epoch."""
+    name = "exploding"
+    metric = "mse"
+    defaults = dict(nhid=4, batch=8, epochs=5, lr=0.01)
+
+    def __init__(self, args, device):
+        super().__init__(args, device)
+        self.x = torch.randn(32, 3)
+        self.y = self.x.sum(1, keepdim=True)
+        self.epoch = 0
+
+    def build_model(self):
+        return torch.nn.Linear(3, 1)
+
+    def train_batches(self, epoch):
+        self.epoch = epoch
+        return lem.shuffled_batches(32, self.args.batch, self.args.seed, epoch)
+
+    def loss(self, model, idx):
+        loss = F.mse_loss(model(self.x[idx]), self.y[idx])
+        return loss * float("nan") if self.epoch == 2 else loss
+
+    def evaluate(self, model, split):
+        return {"mse": F.mse_loss(model(self.x), self.y).item()}
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        lem.run(ExplodingTask, ["--out-dir", str(tmp_path), "--data-dir", str(tmp_path), "--device", "cpu"])
+    assert stop.value.code == 1
+    assert "loss is nan at epoch 3" in capsys.readouterr().err
+    run_dir = tmp_path / "lem_h4_seed5544"
+    summary, _, log = read_run(run_dir)
+    assert summary["status"] == "nan" and len(log) == 2
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["epoch"] == 2
+    assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
+
+
+def test_seeds_and_results_table(tmp_path, capsys):
+    run_train("adding", *ADDING_TINY, "--seeds", 1, 2, out_dir=tmp_path, data_dir=tmp_path)
+    run_train("adding", *ADDING_TINY, "--model", "gru", out_dir=tmp_path, data_dir=tmp_path)
+    tests = [read_run(tmp_path / f"lem_T20_h8_seed{s}")[0]["test"] for s in (1, 2)]
+    rows = results.summarise(results.load_runs([tmp_path]))
+    assert [(r["model"], r["seeds"]) for r in rows] == [("gru", 1), ("lem", 2)]
+    lem_row = rows[1]
+    assert lem_row["mean"] == pytest.approx(sum(tests) / 2)
+    assert lem_row["std"] == pytest.approx(abs(tests[0] - tests[1]) / 2 ** 0.5)
+    results.main([str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "adding" in table and "1e-4 ... 1e-5" in table and f"{lem_row['mean']:.4g}" in table
