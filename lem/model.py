@@ -140,7 +140,8 @@ def make_rnn(model, input_size, hidden_size, dt=1.0):
 class RNNModel(nn.Module):
     """Recurrent layer + linear head (SPEC §1 "Heads").
 
-    head='last': out = classifier(y_T)     (classification, scalar regression)
+    head='last': out = classifier(y_T)     (classification, scalar regression; y at each
+                                           series' own last step with forward(x, lengths))
     head='every': out = classifier(y_n)    at every step (sequence-to-sequence)
     Input is time-first (T, B, I). Attribute names `cell` and `classifier` are the reference
     code's, so its whole-model checkpoints load with `load_reference_state_dict`.
@@ -156,9 +157,19 @@ class RNNModel(nn.Module):
         self.classifier = nn.Linear(hidden_size, output_size)
         nn.init.kaiming_normal_(self.classifier.weight)
 
-    def forward(self, x):
+    def forward(self, x, lengths=None):
+        """lengths: optional (B,) true lengths of a zero-padded batch; head='last' then reads each
+        series' state at its own last real step, y_{lengths[b]}, never at padding."""
         ys = self.cell(self.input_dropout(x))[0]
-        return self.classifier(ys[-1] if self.head == "last" else ys)
+        if self.head == "every":
+            return self.classifier(ys)
+        if lengths is None:
+            return self.classifier(ys[-1])
+        lengths = torch.as_tensor(lengths, device=ys.device)
+        if lengths.shape != (ys.size(1),) or lengths.min() < 1 or lengths.max() > ys.size(0):
+            raise ValueError(f"lengths must hold one length in [1, T = {ys.size(0)}] per series of the batch "
+                             f"({ys.size(1)}), got {lengths.tolist()}")
+        return self.classifier(ys[lengths - 1, torch.arange(ys.size(1), device=ys.device)])
 
 
 def load_reference_state_dict(model, state_dict):

@@ -1,0 +1,78 @@
+"""UEA/UCR classification datasets through sktime's loader, split as the reference split
+EigenWorms (SPEC §3.2): merge the archive's train and test parts (in that order), then
+train_test_split(test_size=0.3, random_state=1234) and, on the 30 %, train_test_split(test_size=0.5,
+random_state=1234) into valid and test. Labels are encoded with sklearn's LabelEncoder.
+
+sktime downloads a dataset it does not ship once into <data_dir>/uea_ucr/<NAME>/ (its datasets
+bundled in the package are read where they are); the split tensors are cached in
+<data_dir>/eigenworms/<NAME>.pt with a manifest (lem.data.cached).
+"""
+from pathlib import Path
+
+import numpy as np
+import sktime.datasets
+import torch
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelEncoder
+from sktime.datasets import load_UCR_UEA_dataset, tsc_dataset_names
+
+from lem.data import cached, pad_series
+
+SPLIT_SEED = 1234
+MIRROR = "https://timeseriesclassification.com/aeon-toolkit/{}.zip"  # what sktime falls back to
+KNOWN = set(tsc_dataset_names.univariate) | set(tsc_dataset_names.multivariate)
+BUNDLED = Path(sktime.datasets.__file__).parent / "data"
+
+
+def source_folder(name, data_dir):
+    """Where sktime finds <name>/<name>_TRAIN.ts and _TEST.ts: in its package, else our data folder."""
+    return BUNDLED if (BUNDLED / name / f"{name}_TRAIN.ts").exists() else Path(data_dir) / "uea_ucr"
+
+
+def read_dataset(name, folder):
+    """(series as (T_i, C) arrays, string labels) of the train part followed by the test part."""
+    folder.mkdir(parents=True, exist_ok=True)  # sktime creates only the last level
+    try:
+        X, y = load_UCR_UEA_dataset(name, extract_path=None if folder == BUNDLED else str(folder))
+    except Exception as e:  # sktime raises RuntimeError (or OSError) when every mirror fails
+        reason = str(e).replace("\n", "; ")
+        raise SystemExit(f"could not get the UEA/UCR dataset {name} through sktime ({reason}). "
+                         f"Download {MIRROR.format(name)} by hand and unzip it so that "
+                         f"{folder / name / (name + '_TRAIN.ts')} and _TEST.ts exist.") from None
+    series = [[X.iat[i, c].to_numpy() for c in range(X.shape[1])] for i in range(len(X))]
+    lengths = [{len(ch) for ch in s} for s in series]
+    if any(len(n) != 1 for n in lengths):
+        raise ValueError(f"{name}: the channels of a series have different lengths; expected one length per series")
+    return [np.stack(s, axis=1) for s in series], y
+
+
+def split(n):
+    """Index arrays (train, valid, test) of SPEC §3.2."""
+    train, rest = train_test_split(np.arange(n), test_size=0.3, random_state=SPLIT_SEED)
+    valid, test = train_test_split(rest, test_size=0.5, random_state=SPLIT_SEED)
+    return {"train": train, "valid": valid, "test": test}
+
+
+def build(name, folder):
+    series, labels = read_dataset(name, folder)
+    x, lengths = pad_series(series)
+    encoder = LabelEncoder().fit(labels)
+    y = torch.from_numpy(encoder.transform(labels)).long()
+    splits = {}
+    for part, idx in split(len(y)).items():
+        idx = torch.from_numpy(idx)
+        n = int(lengths[idx].max())
+        splits[part] = (x[:n, idx].contiguous(), y[idx], lengths[idx])  # time-first (T, N, C)
+    return {"splits": splits, "classes": [str(c) for c in encoder.classes_]}
+
+
+def load_splits(name, data_dir):
+    """{'splits': {part: (x (T, N, C) float, y (N,) long, lengths (N,))}, 'classes': [...]}."""
+    if name not in KNOWN and not (BUNDLED / name / f"{name}_TRAIN.ts").exists():
+        raise ValueError(f"{name!r} is not a UEA/UCR classification dataset sktime knows; expected one of "
+                         f"sktime.datasets.tsc_dataset_names.univariate or .multivariate, e.g. EigenWorms")
+    folder = source_folder(name, data_dir)
+    sources = [folder / name / f"{name}_{part}.ts" for part in ("TRAIN", "TEST")]
+    params = {"dataset": name, "merge": "train+test", "split": "train_test_split 0.3 then 0.5",
+              "split_seed": SPLIT_SEED, "labels": "LabelEncoder", "layout": "time-first, zero-padded"}
+    return cached(Path(data_dir) / "eigenworms" / f"{name}.pt", lambda: build(name, folder), sources, params)
