@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import load_module, read_run, run_train
-from lem.harness import build_parser
+from lem.harness import build_parser, run
 from lem.model import LEM, lem_step
 
 ptb_data = load_module("ptb/data.py", "ptb_data")
@@ -23,7 +23,9 @@ def load_train():
     saved = sys.modules.get("data")
     sys.modules["data"] = ptb_data  # train.py's `from data import ...` must find ptb/data.py
     try:
-        return load_module("ptb/train.py", "ptb_train")
+        module = load_module("ptb/train.py", "ptb_train")
+        sys.modules["ptb_train"] = module  # the harness finds the experiment folder through it
+        return module
     finally:
         if saved is None:
             sys.modules.pop("data")
@@ -264,10 +266,19 @@ TINY = ["--nhid", 8, "--emsize", 8, "--batch", 3, "--bptt", 6, "--eval_every", 2
         "--avg_latest", 1]
 
 
+def train_in_process(*args, out_dir, data_dir):
+    """ptb/train.py's main without a new interpreter (importing torch costs seconds on a busy machine)."""
+    argv = [*map(str, args), "--out-dir", str(out_dir), "--data-dir", str(data_dir), "--device", "cpu"]
+    return run(ptb_train.task_for(argv), argv)
+
+
 @pytest.mark.parametrize("level,metric", [("word", "ppl"), ("char", "bpc")])
 def test_train_end_to_end(server, tmp_path, level, metric):
-    run_train("ptb", "--level", level, *TINY, "--data_url", server["url"], "--run-name", "r",
-              out_dir=tmp_path / "out", data_dir=tmp_path / "data")
+    args = ["--level", level, *TINY, "--data_url", server["url"], "--run-name", "r"]
+    if level == "word":  # once as a user runs it, in its own interpreter
+        run_train("ptb", *args, out_dir=tmp_path / "out", data_dir=tmp_path / "data")
+    else:
+        train_in_process(*args, out_dir=tmp_path / "out", data_dir=tmp_path / "data")
     summary, config, log = read_run(tmp_path / "out" / "r")
     assert summary["status"] == "finished" and summary["steps"] == 4 and summary["metric"] == metric
     assert [r["valid"]["averaged"] for r in log] == [False, True]  # averaging from turn 1 on (--avg_latest 1)
@@ -278,12 +289,16 @@ def test_train_end_to_end(server, tmp_path, level, metric):
 
 
 def test_resume_is_exact(server, tmp_path):
+    """Stopped after every step (--max-time 0) and resumed: carried state, averaging and RNGs come back."""
     common = ["--level", "word", *TINY, "--data_url", server["url"]]
-    run_train("ptb", *common, "--run-name", "straight", out_dir=tmp_path, data_dir=tmp_path / "data")
-    run_train("ptb", *common, "--run-name", "pieces", "--max-time", 0, out_dir=tmp_path, data_dir=tmp_path / "data")
+    train_in_process(*common, "--run-name", "straight", out_dir=tmp_path, data_dir=tmp_path / "data")
+    train_in_process(*common, "--run-name", "pieces", "--max-time", 0, out_dir=tmp_path, data_dir=tmp_path / "data")
+    first = json.loads((tmp_path / "pieces" / "summary.json").read_text())
+    assert first["status"] == "interrupted" and first["steps"] == 1
     for _ in range(3):
-        run_train("ptb", *common, "--run-name", "pieces", "--max-time", 0, "--resume",
-                  out_dir=tmp_path, data_dir=tmp_path / "data")
-    straight, pieces = read_run(tmp_path / "straight")[2], read_run(tmp_path / "pieces")[2]
-    assert json.loads(json.dumps([r["valid"] for r in straight])) == [r["valid"] for r in pieces]
-    assert [r["test"] for r in straight] == [r["test"] for r in pieces]
+        train_in_process(*common, "--run-name", "pieces", "--max-time", 0, "--resume",
+                         out_dir=tmp_path, data_dir=tmp_path / "data")
+    straight, pieces = read_run(tmp_path / "straight"), read_run(tmp_path / "pieces")
+    assert pieces[0]["status"] == "finished" and pieces[0]["steps"] == 4
+    assert [r["valid"] for r in straight[2]] == [r["valid"] for r in pieces[2]]
+    assert [r["test"] for r in straight[2]] == [r["test"] for r in pieces[2]]
