@@ -302,3 +302,16 @@ def test_resume_is_exact(server, tmp_path):
     assert pieces[0]["status"] == "finished" and pieces[0]["steps"] == 4
     assert [r["valid"] for r in straight[2]] == [r["valid"] for r in pieces[2]]
     assert [r["test"] for r in straight[2]] == [r["test"] for r in pieces[2]]
+
+
+def test_throughput_tool_times_the_training_step(capsys):
+    saved = sys.modules.get("train")
+    sys.modules["train"] = ptb_train
+    try:
+        tool = load_module("ptb/throughput.py", "ptb_throughput")
+    finally:
+        sys.modules.pop("train") if saved is None else sys.modules.__setitem__("train", saved)
+    tool.main(["--level", "char", "--nhid", "8", "--emsize", "4", "--batch", "2", "--bptt", "3", "--steps", "2",
+               "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "char: H 8, batch 2, bptt 3 on cpu" in out and "training tokens/s over 2 steps" in out
