@@ -64,6 +64,12 @@ class Task:
         """A dict of metrics on one split; must hold self.metric."""
         raise NotImplementedError
 
+    def after_step(self, model):
+        """Called after every optimizer step (e.g. to update a weight average)."""
+
+    def after_evaluation(self, epoch, metrics):
+        """Called after the evaluation that closes epoch `epoch` (1-based), before the checkpoint."""
+
     def state_dict(self):
         """Task state a checkpoint must keep beyond model, optimizer and RNGs."""
         return {}
@@ -284,6 +290,7 @@ def train(task_cls, args):
                 if args.grad_norm > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), args.grad_norm)
                 optimizer.step()
+                task.after_step(model)
                 state["step"] += 1
                 state["batch"] = i + 1
                 bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
@@ -295,6 +302,7 @@ def train(task_cls, args):
             if status != "finished":
                 break
             metrics = evaluate(task, model)
+            task.after_evaluation(epoch + 1, metrics)
             state["elapsed"] = time.time() - started
             record = {"epoch": epoch + 1, "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
                       "time_s": round(state["elapsed"], 2), **metrics}
