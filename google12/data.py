@@ -83,7 +83,7 @@ def read_wav(path, start=0, stop=None):
     """Mono float32 samples in [-1, 1) of a 16 kHz WAV file (soundfile: no FFmpeg needed)."""
     try:
         wave, rate = soundfile.read(path, start=start, stop=stop, dtype="float32")
-    except (RuntimeError, soundfile.LibsndfileError) as e:
+    except RuntimeError as e:  # soundfile's LibsndfileError: missing, truncated or not a WAV file
         raise ValueError(f"cannot read {path} ({e}); the extracted folder {path.parent.parent} may be damaged: "
                          f"delete it and run again, or fetch {URL} by hand") from None
     if rate != SAMPLE_RATE or wave.ndim != 1:
@@ -134,20 +134,22 @@ def clip_list(root, split):
     return clips
 
 
-def compute_features(clips, device="cpu", chunk=1024):
+def compute_features(clips, device="cpu", chunk=256):
     """(x, y): x (N, 126, 80) float16, y (N,) int64. Reads `chunk` clips at a time and transforms
     the clips of equal length together in one batch (padding the audio would change the result)."""
     logmel = LogMel().to(device)
     x = torch.empty(len(clips), FRAMES, MEL["n_mels"], dtype=torch.float16)
-    for first in tqdm(range(0, len(clips), chunk), desc="log-mel features", unit_scale=chunk, disable=None):
-        waves = [read_wav(path, start, stop) for path, start, stop, _ in clips[first:first + chunk]]
-        by_length = {}
-        for i, wave in enumerate(waves):
-            by_length.setdefault(len(wave), []).append(i)
-        for index in by_length.values():
-            batch = torch.stack([waves[i] for i in index]).to(device)
-            with torch.no_grad():
-                x[torch.tensor(index) + first] = logmel(batch).to("cpu", torch.float16)
+    with tqdm(total=len(clips), desc="log-mel features", unit="clip", disable=None) as bar:
+        for first in range(0, len(clips), chunk):
+            waves = [read_wav(path, start, stop) for path, start, stop, _ in clips[first:first + chunk]]
+            by_length = {}
+            for i, wave in enumerate(waves):
+                by_length.setdefault(len(wave), []).append(i)
+            for index in by_length.values():
+                with torch.no_grad():
+                    batch = logmel(torch.stack([waves[i] for i in index]).to(device))
+                x[torch.tensor(index) + first] = batch.to("cpu", torch.float16)
+            bar.update(len(waves))
     y = torch.tensor([label for *_, label in clips], dtype=torch.long)
     return x, y
 
@@ -160,15 +162,18 @@ def load_splits(data_dir, url=URL, sha256=SHA256, device="cpu"):
     manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else None
     if not (manifest and manifest["features"] == FEATURES and sha256 in (None, manifest["sha256"])
             and all((cache / f"{split}.pt").exists() for split in SPLITS)):
-        manifest = build_cache(root, url, sha256, device)
+        build_cache(root, url, sha256, device)
     splits = {}
     for split in SPLITS:
-        data = torch.load(cache / f"{split}.pt")
-        splits[split] = (data["x"], data["y"])
+        saved = torch.load(cache / f"{split}.pt")
+        splits[split] = (saved["x"], saved["y"])
     return splits
 
 
 def build_cache(root, url, sha256, device):
+    """Fetch the archive if needed, compute every split's features, write them and the manifest (last,
+    so an interrupted build leaves no manifest and is redone)."""
+    (root / "features" / "manifest.json").unlink(missing_ok=True)
     fetch(root, url, sha256)
     started, counts = time.time(), {}
     manifest = {"archive": ARCHIVE, "url": url, "sha256": sha256, "features": FEATURES, "classes": CLASSES,
