@@ -88,10 +88,11 @@ def read_wav(path, start=0, stop=None):
                          f"delete it and run again, or fetch {URL} by hand") from None
     if rate != SAMPLE_RATE or wave.ndim != 1:
         raise ValueError(f"{path}: expected 16 kHz mono, got {rate} Hz with shape {wave.shape}")
+    wave = torch.from_numpy(wave)
     # torch's reflect padding of n_fft/2 needs more samples than that; pad the odd tiny clip with zeros
     if len(wave) <= MEL["n_fft"] // 2:
-        wave = F.pad(torch.from_numpy(wave), (0, MEL["n_fft"] // 2 + 1 - len(wave))).numpy()
-    return torch.from_numpy(wave)
+        wave = F.pad(wave, (0, MEL["n_fft"] // 2 + 1 - len(wave)))
+    return wave
 
 
 def fetch(folder, url=URL, sha256=SHA256):

@@ -133,7 +133,7 @@ def test_checksum_mismatch_and_corrupt_archive(server, tmp_path):
     assert not (tmp_path / data.FOLDER).exists()
 
 
-def test_bad_wav_names_the_file(tmp_path):
+def test_wav_reading(tmp_path):
     stereo = tmp_path / "stereo.wav"
     stereo.write_bytes(wav_bytes(tone(440, 800), channels=2))
     with pytest.raises(ValueError, match="stereo.wav.*16 kHz mono"):
@@ -144,6 +144,9 @@ def test_bad_wav_names_the_file(tmp_path):
         data.read_wav(broken)
     with pytest.raises(ValueError, match="shape"):
         data.LogMel()(torch.zeros(16000))
+    tiny = tmp_path / "tiny.wav"  # shorter than the 512 samples reflect padding needs: zero-padded to 513
+    tiny.write_bytes(wav_bytes(tone(440, 300)))
+    assert data.read_wav(tiny).shape == (513,) and data.read_wav(tiny)[300:].abs().max() == 0
 
 
 # An independent computation of SPEC §3.4 in numpy/scipy (librosa's definition, written out).
