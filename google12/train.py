@@ -8,7 +8,6 @@ Reported: test accuracy (%) at the epoch of best validation accuracy.
 """
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 import lem

@@ -247,9 +247,13 @@ def test_end_to_end_from_local_server(server, tmp_path):
     assert manifest["splits"]["train"]["per_class"]["unknown"] == len(UNKNOWN_WORDS)
     train = torch.load(cache / "train.pt")
     assert train["x"].shape == (n_words + 3, 126, 80) and train["x"].dtype == torch.float16
-    first_clip = data.FOLDER / train["clips"][0]
-    expected = data.LogMel()(data.read_wav(tmp_path / "data" / "speech_commands" / first_clip)[None])[0]
+    folder = tmp_path / "data" / "speech_commands" / data.FOLDER
+    expected = data.LogMel()(data.read_wav(folder / train["clips"][0])[None])[0]  # a word clip shorter than 1 s
     torch.testing.assert_close(train["x"][0].float(), expected, atol=5e-3, rtol=1e-3)
+    noise_file, start = train["clips"][-1].split("@")  # the last silence segment: second 2 of white_noise.wav
+    assert (noise_file, start, train["y"][-1].item()) == (f"{data.NOISE}/white_noise.wav", "16000", 1)
+    expected = data.LogMel()(data.read_wav(folder / noise_file, 16000, 32000)[None])[0]
+    torch.testing.assert_close(train["x"][-1].float(), expected, atol=5e-3, rtol=1e-3)
 
     # a second time the cache is read: no download (the URL is dead), no recomputation
     mtime = (cache / "train.pt").stat().st_mtime
