@@ -3,6 +3,7 @@
 Every file is written to a temporary name in the same folder and renamed over the old one
 (os.replace is atomic), so a run killed at any moment leaves each file whole: old or new.
 """
+import importlib.metadata
 import json
 import os
 import platform
@@ -51,8 +52,8 @@ def environment(device):
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     for name in ("torchvision", "torchaudio", "scipy", "sktime", "triton"):
         try:
-            versions[name] = __import__(name).__version__
-        except Exception:
+            versions[name] = importlib.metadata.version(name)  # without importing it (sktime takes seconds)
+        except importlib.metadata.PackageNotFoundError:
             pass
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,

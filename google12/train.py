@@ -1,0 +1,66 @@
+"""Google12: keyword spotting on Speech Commands V2, 12 classes (SPEC §3.4). Paper: 95.7 % test accuracy.
+
+    python google12/train.py              # the paper's run: downloads 2.3 GB once, caches features, 60 epochs
+    python google12/train.py --url URL_OF_A_MIRROR --sha256 SHA256_OF_IT
+
+Input: 126 steps of 80 z-scored log-mel features, input dropout --drop, LEM, linear head on y_T.
+Reported: test accuracy (%) at the epoch of best validation accuracy.
+"""
+from pathlib import Path
+
+import torch.nn.functional as F
+
+import lem
+from lem.download import DownloadError
+from data import CLASSES, SHA256, URL, load_splits
+
+
+class Google12(lem.Task):
+    name = "google12"
+    metric = "accuracy"
+    higher_is_better = True
+    paper = 95.7
+    defaults = dict(nhid=128, batch=100, lr=0.00089, dt=1.0, epochs=60, lr_decay_epoch=50, seed=5544)
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--drop", type=float, default=0.03, help="dropout on the input feature sequence")
+        parser.add_argument("--url", default=URL, help="where to fetch speech_commands_v0.02.tar.gz")
+        parser.add_argument("--sha256", default=SHA256, help="expected sha256 of the archive; 'none' skips the check")
+
+    def __init__(self, args, device):
+        super().__init__(args, device)
+        if not 0.0 <= args.drop < 1.0:
+            raise SystemExit(f"--drop must be in [0, 1), got {args.drop}")
+        sha256 = None if args.sha256.lower() == "none" else args.sha256
+        try:
+            splits = load_splits(Path(args.data_dir), args.url, sha256, device)
+        except (DownloadError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+        # float16 features stay float16 in memory (1.7 GB for training); batches are cast to float32
+        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
+
+    def build_model(self):
+        a = self.args
+        return lem.RNNModel(a.model, 80, a.nhid, len(CLASSES), dt=a.dt, input_dropout=a.drop)
+
+    def train_batches(self, epoch):
+        return lem.shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
+
+    def inputs(self, x):
+        return x.float().transpose(0, 1)  # (B, 126, 80) → time-first (126, B, 80)
+
+    def loss(self, model, idx):
+        x, y = self.splits["train"]
+        idx = idx.to(self.device)
+        return F.cross_entropy(model(self.inputs(x[idx])), y[idx])
+
+    def evaluate(self, model, split):
+        x, y = self.splits[split]
+        correct = sum((model(self.inputs(xb)).argmax(-1) == yb).sum().item()
+                      for xb, yb in zip(x.split(1000), y.split(1000)))
+        return {"accuracy": 100.0 * correct / len(y)}
+
+
+if __name__ == "__main__":
+    lem.run(Google12)
