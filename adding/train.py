@@ -53,6 +53,7 @@ class Adding(lem.Task):
 
     def loss(self, model, batch_seed):
         x, y = adding_batch(self.args.seq_length, self.args.batch, torch.Generator().manual_seed(batch_seed))
+        x, y = lem.share(x, dim=1), lem.share(y)  # under torchrun: this process's part of the batch
         return F.mse_loss(model(x.to(self.device)), y.to(self.device))
 
     def evaluate(self, model, split):

@@ -3,7 +3,8 @@
 An experiment subclasses `Task` (its data, model, loss, metric and paper defaults) and calls
 `run(MyTask)`. The harness does the rest: arguments, seeding, device, Adam, lr step decay,
 gradient clipping, evaluation and model selection on validation, result logs, checkpoints,
-exact resume, clean stop on Ctrl-C/SIGTERM and the NaN guard.
+exact resume, clean stop on Ctrl-C/SIGTERM and the NaN guard; under torchrun, data-parallel
+training over several processes (lem/distributed.py).
 
 Training is cut into epochs; each epoch is a list of cheap batch keys (index tensors, seeds)
 fixed by (seed, epoch) alone, so a resumed run replays exactly the batches it would have seen.
@@ -11,6 +12,7 @@ fixed by (seed, epoch) alone, so a resumed run replays exactly the batches it wo
 import argparse
 import inspect
 import json
+import os
 import random
 import signal
 import sys
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import runlog
+from . import distributed, runlog
 from .data import data_dir as resolve_data_dir
 
 
@@ -119,7 +121,9 @@ def build_parser(task_cls):
 
 def pick_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        name = f"cuda:{distributed.local_rank()}"  # torchrun: one GPU per process
     return torch.device(name)
 
 
@@ -139,9 +143,9 @@ def rng_state():
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 class StopRequest:
@@ -155,10 +159,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.requested and signum == signal.SIGINT and distributed.world_size() == 1:
+            raise KeyboardInterrupt  # (torchrun passes its own SIGINT on: it kills the workers itself)
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step", file=sys.stderr)
+        if distributed.is_main():
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step", file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():
@@ -166,7 +171,7 @@ class StopRequest:
 
 
 class Run:
-    """The run folder <experiment>/results/<run-name>/ and everything written into it."""
+    """The run folder <experiment>/results/<run-name>/ and everything written into it (by rank 0 only)."""
 
     def __init__(self, folder, task_cls):
         self.folder = Path(folder)
@@ -174,6 +179,8 @@ class Run:
         self.checkpoint = self.folder / "checkpoint.pt"
 
     def write_logs(self, history):
+        if not distributed.is_main():
+            return
         lines = [json.dumps(r) for r in history]
         runlog.write_text(self.folder / "log.jsonl", "".join(line + "\n" for line in lines))
         runlog.write_text(self.folder / "log.txt", "".join(runlog.format_record(r) + "\n" for r in history))
@@ -193,7 +200,8 @@ class Run:
             "test": selected["test"][t.metric] if selected and "test" in selected else None,
             "last": last,
         }
-        runlog.write_json(self.folder / "summary.json", summary)
+        if distributed.is_main():
+            runlog.write_json(self.folder / "summary.json", summary)
         return summary
 
 
@@ -225,10 +233,11 @@ def run(task_cls, argv=None):
     """Parse arguments and train one run per seed. Returns the list of summary dicts."""
     args = build_parser(task_cls).parse_args(argv)
     args.data_dir = str(resolve_data_dir(args.data_dir))
-    summaries = []
-    for seed in args.seeds or [args.seed]:
-        summaries.append(train(task_cls, argparse.Namespace(**{**vars(args), "seed": seed})))
-    return summaries
+    distributed.start(pick_device(args.device))
+    try:
+        return [train(task_cls, argparse.Namespace(**{**vars(args), "seed": seed})) for seed in args.seeds or [args.seed]]
+    finally:
+        distributed.stop()
 
 
 def train(task_cls, args):
@@ -237,7 +246,7 @@ def train(task_cls, args):
     device = pick_device(args.device)
 
     seed_everything(args.seed)
-    task = task_cls(args, device)
+    task = distributed.one_by_one(lambda: task_cls(args, device))
     run_name = args.run_name or task.run_name()
     out = Run(Path(args.out_dir or experiment_dir / "results") / run_name, task_cls)
     if out.checkpoint.exists() and not args.resume:
@@ -247,6 +256,8 @@ def train(task_cls, args):
 
     model = task.build_model().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if distributed.rank() > 0:
+        seed_everything(args.seed + distributed.rank())  # same init everywhere, then own dropout masks
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
     if args.resume:
         ckpt = torch.load(out.checkpoint, map_location=device, weights_only=False)
@@ -254,18 +265,30 @@ def train(task_cls, args):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         task.load_state_dict(ckpt["task"])
-        set_rng_state(ckpt["rng"])
+        rngs = ckpt.get("rng_ranks", [ckpt["rng"]])
+        if distributed.rank() < len(rngs):
+            set_rng_state(rngs[distributed.rank()])
         state = ckpt["state"]
-        print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
+        if distributed.is_main():
+            print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
     config = {"args": vars(args), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters()),
               **runlog.environment(device)}
-    runlog.write_json(out.folder / "config.json", config)
+    if distributed.world_size() > 1:
+        config["processes"] = distributed.world_size()
+    if distributed.is_main():
+        runlog.write_json(out.folder / "config.json", config)
+    train_model = distributed.wrap(model, device)
 
     def save():
-        runlog.save_checkpoint(out.checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
-            "rng": rng_state(), "state": state, "args": vars(args)})
+        rngs = distributed.gather(rng_state())
+        if not distributed.is_main():
+            return
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
+                "rng": rngs[0], "state": state, "args": vars(args)}
+        if len(rngs) > 1:
+            ckpt["rng_ranks"] = rngs  # every process's own, for an exact resume on as many processes
+        runlog.save_checkpoint(out.checkpoint, ckpt)
 
     status = "finished"
     started = time.time() - state["elapsed"]
@@ -277,13 +300,18 @@ def train(task_cls, args):
                 group["lr"] = args.lr / 10 if decay else args.lr
             batches = task.train_batches(epoch)
             bar = tqdm(range(state["batch"], len(batches)), desc=f"epoch {epoch + 1}/{task.num_epochs()}",
-                       leave=False, disable=None)
+                       leave=False, disable=None if distributed.is_main() else True)
             for i in bar:
-                loss = task.loss(model, batches[i])
-                if not torch.isfinite(loss):
+                key, weight = distributed.local_batch(batches[i])
+                loss = task.loss(train_model, key)
+                if weight != 1.0:
+                    loss = loss * weight
+                batch_loss = distributed.mean(loss)
+                if not torch.isfinite(batch_loss):
                     status = "nan"
-                    print(f"loss is {loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; the last good "
-                          f"checkpoint ({out.checkpoint}) is kept", file=sys.stderr)
+                    if distributed.is_main():
+                        print(f"loss is {batch_loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; the last "
+                              f"good checkpoint ({out.checkpoint}) is kept", file=sys.stderr)
                     break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -293,9 +321,9 @@ def train(task_cls, args):
                 task.after_step(model)
                 state["step"] += 1
                 state["batch"] = i + 1
-                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+                bar.set_postfix(loss=f"{batch_loss.item():.4g}", refresh=False)
                 out_of_time = args.max_time is not None and time.time() - started > args.max_time
-                if (stop.requested or out_of_time) and i + 1 < len(batches):
+                if distributed.anyone(stop.requested or out_of_time) and i + 1 < len(batches):
                     status = "interrupted"
                     break
             bar.close()
@@ -314,17 +342,19 @@ def train(task_cls, args):
             save()
             out.write_logs(state["history"])
             out.write_summary(state, "running", config)
-            print(runlog.format_record(record), flush=True)
-            if stop.requested or (args.max_time is not None and time.time() - started > args.max_time):
+            if distributed.is_main():
+                print(runlog.format_record(record), flush=True)
+            if distributed.anyone(stop.requested or (args.max_time is not None and time.time() - started > args.max_time)):
                 if state["epoch"] < task.num_epochs():
                     status = "interrupted"
 
     state["elapsed"] = time.time() - started
     if status == "interrupted":
         save()
-        print(f"stopped; continue with the same command and --resume ({out.folder})", file=sys.stderr)
+        if distributed.is_main():
+            print(f"stopped; continue with the same command and --resume ({out.folder})", file=sys.stderr)
     summary = out.write_summary(state, status, config)
-    if status == "finished":
+    if status == "finished" and distributed.is_main():
         print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {task_cls.paper}); logs in {out.folder}")
     if status == "nan":
         sys.exit(1)
