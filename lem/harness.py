@@ -272,11 +272,11 @@ def train(task_cls, args):
         if distributed.is_main():
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
-    config = {"args": vars(args), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters()),
-              **runlog.environment(device)}
-    if distributed.world_size() > 1:
-        config["processes"] = distributed.world_size()
+    config = {"args": vars(args), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters())}
     if distributed.is_main():
+        config.update(runlog.environment(device))
+        if distributed.world_size() > 1:
+            config["processes"] = distributed.world_size()
         runlog.write_json(out.folder / "config.json", config)
     train_model = distributed.wrap(model, device)
 
