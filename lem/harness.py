@@ -159,8 +159,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT and distributed.world_size() == 1:
-            raise KeyboardInterrupt  # (torchrun passes its own SIGINT on: it kills the workers itself)
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
         if distributed.is_main():
             print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step", file=sys.stderr)
@@ -244,6 +244,7 @@ def train(task_cls, args):
     """Train, evaluate, log one run. Returns its summary dict; exits 1 on NaN."""
     experiment_dir = Path(inspect.getfile(task_cls)).resolve().parent
     device = pick_device(args.device)
+    main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
 
     seed_everything(args.seed)
     task = distributed.one_by_one(lambda: task_cls(args, device))
@@ -269,11 +270,11 @@ def train(task_cls, args):
         if distributed.rank() < len(rngs):
             set_rng_state(rngs[distributed.rank()])
         state = ckpt["state"]
-        if distributed.is_main():
+        if main:
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
     config = {"args": vars(args), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters())}
-    if distributed.is_main():
+    if main:
         config.update(runlog.environment(device))
         if distributed.world_size() > 1:
             config["processes"] = distributed.world_size()
@@ -282,7 +283,7 @@ def train(task_cls, args):
 
     def save():
         rngs = distributed.gather(rng_state())
-        if not distributed.is_main():
+        if not main:
             return
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
                 "rng": rngs[0], "state": state, "args": vars(args)}
@@ -300,16 +301,14 @@ def train(task_cls, args):
                 group["lr"] = args.lr / 10 if decay else args.lr
             batches = task.train_batches(epoch)
             bar = tqdm(range(state["batch"], len(batches)), desc=f"epoch {epoch + 1}/{task.num_epochs()}",
-                       leave=False, disable=None if distributed.is_main() else True)
+                       leave=False, disable=None if main else True)
             for i in bar:
                 key, weight = distributed.local_batch(batches[i])
-                loss = task.loss(train_model, key)
-                if weight != 1.0:
-                    loss = loss * weight
+                loss = task.loss(train_model, key) * weight
                 batch_loss = distributed.mean(loss)
                 if not torch.isfinite(batch_loss):
                     status = "nan"
-                    if distributed.is_main():
+                    if main:
                         print(f"loss is {batch_loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; the last "
                               f"good checkpoint ({out.checkpoint}) is kept", file=sys.stderr)
                     break
@@ -342,7 +341,7 @@ def train(task_cls, args):
             save()
             out.write_logs(state["history"])
             out.write_summary(state, "running", config)
-            if distributed.is_main():
+            if main:
                 print(runlog.format_record(record), flush=True)
             if distributed.anyone(stop.requested or (args.max_time is not None and time.time() - started > args.max_time)):
                 if state["epoch"] < task.num_epochs():
@@ -351,10 +350,10 @@ def train(task_cls, args):
     state["elapsed"] = time.time() - started
     if status == "interrupted":
         save()
-        if distributed.is_main():
+        if main:
             print(f"stopped; continue with the same command and --resume ({out.folder})", file=sys.stderr)
     summary = out.write_summary(state, status, config)
-    if status == "finished" and distributed.is_main():
+    if status == "finished" and main:
         print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {task_cls.paper}); logs in {out.folder}")
     if status == "nan":
         sys.exit(1)
