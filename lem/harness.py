@@ -60,6 +60,8 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model, batch):
+        """The mean loss over one batch. Under torchrun an index batch arrives as this process's
+        share; a batch drawn inside loss() (from a seed) should keep its share with lem.share."""
         raise NotImplementedError
 
     def evaluate(self, model, split):
