@@ -70,9 +70,9 @@ def one_by_one(build):
 def share(batch, dim=0):
     """This process's share of a batch along dim: every world_size-th sample from the rank-th.
 
-    The harness applies it to index batches itself. A task that makes its batch inside loss()
-    (from a seed key) calls it on the tensors it made; such a batch must split evenly, since the
-    harness can only weight the shares of batches it splits itself."""
+    For a task that draws its batch inside loss() from a seed key (index batches are split by the
+    harness, see local_batch). Such a batch must split evenly: the harness cannot weight shares
+    of a batch it never sees."""
     world = world_size()
     if world == 1:
         return batch
