@@ -102,3 +102,11 @@ def test_shares_weights_and_the_other_ranks_silence(monkeypatch, tmp_path):
     run.write_logs([])
     summary = run.write_summary(state, "running", {"args": {"model": "lem", "seed": 1}})
     assert summary["status"] == "running" and not (tmp_path / "run").exists()
+
+
+def test_torchrun_gives_each_process_its_own_gpu(monkeypatch):
+    assert harness.pick_device("cuda") == torch.device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert harness.pick_device("cuda") == torch.device("cuda", 3)
+    assert harness.pick_device("cpu") == torch.device("cpu")
