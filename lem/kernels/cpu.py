@@ -21,8 +21,17 @@ def load():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
         from torch.utils import cpp_extension
         _module = cpp_extension.load(name="lem_cpu", sources=[str(SOURCE)], build_directory=build_dir,
-                                     extra_cflags=["-O3"], verbose=False)
+                                     extra_cflags=["-O3", "-fno-trapping-math", "-fno-math-errno", *_simd_flags()], verbose=False)
     return _module
+
+
+def _simd_flags():
+    """AVX2/FMA when this CPU has them (the build is cached per machine)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if "avx2" in flags and "fma" in flags else []
 
 
 class FusedLEMCPU(torch.autograd.Function):

@@ -1,198 +1,327 @@
 // Fused CPU LEM (SPEC §1): the whole time loop of forward and backward in one C++ call.
 //
-// Per step only the two recurrent products (y_{n-1} -> hid2hid, z_n -> transform_z) go through
-// ATen GEMMs; everything elementwise is one plain loop per half-step. The input projection of
-// all T steps is computed before the call (one GEMM), backward recomputes the gate
-// pre-activations of all steps with two big GEMMs, and the weight gradients are two GEMMs after
-// the loop. Only y_1..y_T and z_1..z_T are kept from the forward.
+// The input projection of all T steps comes in precomputed (one GEMM, u_proj). Per step only the
+// two recurrent products (y_{n-1} into hid2hid, z_n into transform_z) remain; the elementwise work
+// of a step is one plain loop per half-step. Two strategies for those products:
+//   - small H: batch rows are independent over the whole sequence, so each thread takes some rows
+//     and runs all T steps for them with hand-written mat-vecs (weights stay in L1/L2, no
+//     per-step synchronisation or library call);
+//   - larger H: one ATen GEMM per product and step over the whole batch.
+// Forward keeps only y_n and z_n; backward recomputes the gate pre-activations of all steps with
+// two big GEMMs, runs the reverse loop, then forms the weight gradients as two GEMMs over T·B rows.
 //
 // Layouts (chunks of H): u_proj (T, B, 4H) = [gate y, gate z, cand y, cand z] of inp2hid;
 // hid2hid (3H) = [gate y, gate z, cand z]; transform_z (H) = cand y.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+constexpr int64_t kRowwiseMaxH = 64;  // up to this H the per-row strategy beats per-step GEMMs
 
-// Rows of the batch are independent: split them over threads when the step is big enough.
-template <typename F> inline void for_rows(int64_t B, int64_t H, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) f(b);
+// exp for float as plain arithmetic (Cephes' polynomial, ~2 ulp), so the elementwise loops
+// vectorise; double keeps the libm functions.
+inline float exp_(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  // n = round(x / ln 2) as an int conversion of a positive number, which vectorises
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f + 128.5f)) - 128.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float scale = __builtin_bit_cast(float, bits);
+  return p * scale;
+}
+inline double exp_(double x) { return std::exp(x); }
+template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + exp_(-x)); }
+inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
+inline double tanh_(double x) { return std::tanh(x); }
+
+// Calls f(b0, full) for blocks of kRowBlock rows (full) and then the leftover single rows.
+constexpr int kRowBlock = 4;
+template <typename F> inline void for_row_blocks(int64_t B, int64_t work_per_row, const F& f) {
+  const int64_t blocks = B / kRowBlock, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) f(i * kRowBlock, true);
   });
+  for (int64_t b = blocks * kRowBlock; b < B; ++b) f(b, false);
 }
 
-template <typename scalar_t>
-void forward_loop(const at::Tensor& u_proj, const at::Tensor& w_hh_t, const at::Tensor& b_hh,
-                  const at::Tensor& w_tz_t, const at::Tensor& b_tz, const at::Tensor& mask, double dt_,
-                  at::Tensor& y, at::Tensor& z, at::Tensor& ys, at::Tensor& zs, bool keep_z) {
-  const int64_t T = u_proj.size(0), B = u_proj.size(1), H = y.size(1);
-  const scalar_t dt = static_cast<scalar_t>(dt_);
-  const bool masked = mask.defined();
-  at::Tensor ym = masked ? y * mask : y;           // y_{n-1} as it enters hid2hid
-  at::Tensor h = at::empty({B, 3 * H}, y.options());
-  at::Tensor q = at::empty({B, H}, y.options());
-  const scalar_t* bh = b_hh.data_ptr<scalar_t>();
-  const scalar_t* bz = b_tz.data_ptr<scalar_t>();
-  const scalar_t* mk = masked ? mask.data_ptr<scalar_t>() : nullptr;
-  for (int64_t n = 0; n < T; ++n) {
-    at::mm_out(h, ym, w_hh_t);
-    const scalar_t* u = u_proj[n].data_ptr<scalar_t>();
-    scalar_t* zp = z.data_ptr<scalar_t>();
-    const scalar_t* hp = h.data_ptr<scalar_t>();
-    for_rows(B, H, [&](int64_t b) {  // z_n = (1 − Δt_n) z_{n-1} + Δt_n tanh(...)
-      const scalar_t* ub = u + b * 4 * H;
-      const scalar_t* hb = hp + b * 3 * H;
-      scalar_t* zb = zp + b * H;
-      for (int64_t j = 0; j < H; ++j) {
-        scalar_t dtz = dt * sigmoid(ub[H + j] + hb[H + j] + bh[H + j]);
-        scalar_t cz = std::tanh(ub[3 * H + j] + hb[2 * H + j] + bh[2 * H + j]);
-        zb[j] = (scalar_t(1) - dtz) * zb[j] + dtz * cz;
+template <typename F> inline void for_rows(int64_t B, int64_t work_per_row, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { f(b0, b1); });
+}
+
+// out[r][j] = bias[j] + sum_k v[r][k] m[k][j] for R rows at once, m (K, N) row-major, bias may be
+// null; tiles of R x 8 outputs stay in registers while the weights stream from L1.
+template <int R, typename T>
+inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* __restrict bias, T* __restrict out,
+                        int64_t K, int64_t N) {
+  constexpr int W = 8;
+  int64_t j0 = 0;
+  for (; j0 + W <= N; j0 += W) {
+    T acc[R][W];
+    for (int r = 0; r < R; ++r)
+      for (int jj = 0; jj < W; ++jj) acc[r][jj] = bias ? bias[j0 + jj] : T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* mk = m + k * N + j0;
+      for (int r = 0; r < R; ++r) {
+        const T vk = v[r * K + k];
+        for (int jj = 0; jj < W; ++jj) acc[r][jj] += vk * mk[jj];
       }
-    });
-    at::mm_out(q, z, w_tz_t);
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* ymp = ym.data_ptr<scalar_t>();
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    for_rows(B, H, [&](int64_t b) {  // y_n = (1 − Δt̄_n) y_{n-1} + Δt̄_n tanh(Wy z_n + ...)
-      const scalar_t* ub = u + b * 4 * H;
-      const scalar_t* hb = hp + b * 3 * H;
-      scalar_t* yb = yp + b * H;
-      for (int64_t j = 0; j < H; ++j) {
-        scalar_t dty = dt * sigmoid(ub[j] + hb[j] + bh[j]);
-        scalar_t cy = std::tanh(qp[b * H + j] + bz[j] + ub[2 * H + j]);
-        yb[j] = (scalar_t(1) - dty) * yb[j] + dty * cy;
-        if (masked) ymp[b * H + j] = yb[j] * mk[b * H + j];
-      }
-    });
-    ys[n].copy_(y);
-    if (keep_z) zs[n].copy_(z);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int jj = 0; jj < W; ++jj) out[r * N + j0 + jj] = acc[r][jj];
+  }
+  for (; j0 < N; ++j0)
+    for (int r = 0; r < R; ++r) {
+      T acc = bias ? bias[j0] : T(0);
+      for (int64_t k = 0; k < K; ++k) acc += v[r * K + k] * m[k * N + j0];
+      out[r * N + j0] = acc;
+    }
+}
+
+// ---- the elementwise half-steps of one batch row (u: 4H, h: 3H hidden part incl. bias) ----
+template <typename T> inline void fwd_z(const T* u, const T* h, T* z, int64_t H, T dt) {
+  for (int64_t j = 0; j < H; ++j) {  // z_n = (1 − Δt_n) z_{n-1} + Δt_n tanh(Wz y + Vz u + bz)
+    T dtz = dt * sigmoid(u[H + j] + h[H + j]);
+    T cz = tanh_(u[3 * H + j] + h[2 * H + j]);
+    z[j] = (T(1) - dtz) * z[j] + dtz * cz;
   }
 }
 
-template <typename scalar_t>
-void backward_loop(const at::Tensor& grad_ys, const at::Tensor& u_proj, const at::Tensor& a_h,
-                   const at::Tensor& q_all, const at::Tensor& y_prev, const at::Tensor& z_prev,
-                   const at::Tensor& w_hh, const at::Tensor& w_tz, const at::Tensor& mask, double dt_,
-                   at::Tensor& dy, at::Tensor& dz, at::Tensor& dA, at::Tensor& dQ) {
-  // a_h: hid2hid(y_{n-1} ⊙ mask) with bias, all steps (T, B, 3H); q_all: Wy z_n + b + Vy u_n (T, B, H).
-  // dy, dz enter as dL/dy_T (beyond grad_ys) and dL/dz_T and leave as dL/dy_0, dL/dz_0.
-  const int64_t T = u_proj.size(0), B = u_proj.size(1), H = dy.size(1);
-  const scalar_t dt = static_cast<scalar_t>(dt_);
-  const bool masked = mask.defined();
-  const scalar_t* mk = masked ? mask.data_ptr<scalar_t>() : nullptr;
-  at::Tensor dz_from_y = at::empty({B, H}, dy.options());
-  at::Tensor dym = at::zeros({B, H}, dy.options());
-  scalar_t* dyp = dy.data_ptr<scalar_t>();
-  scalar_t* dzp = dz.data_ptr<scalar_t>();
-  for (int64_t n = T - 1; n >= 0; --n) {
-    const scalar_t* u = u_proj[n].data_ptr<scalar_t>();
-    const scalar_t* ah = a_h[n].data_ptr<scalar_t>();
-    const scalar_t* qn = q_all[n].data_ptr<scalar_t>();
-    const scalar_t* yprev = y_prev[n].data_ptr<scalar_t>();
-    const scalar_t* zprev = z_prev[n].data_ptr<scalar_t>();
-    const scalar_t* gy = grad_ys[n].data_ptr<scalar_t>();
-    const scalar_t* dymp = dym.data_ptr<scalar_t>();
-    scalar_t* dAn = dA[n].data_ptr<scalar_t>();
-    scalar_t* dQn = dQ[n].data_ptr<scalar_t>();
-    for_rows(B, H, [&](int64_t b) {  // through y_n = (1 − Δt̄) y_{n-1} + Δt̄ tanh(q)
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t i = b * H + j;
-        // dL/dy_n: from the output, from y_{n+1}'s leak and (masked) from hid2hid of step n+1
-        scalar_t g = gy[i] + dyp[i] + (masked ? dymp[i] * mk[i] : dymp[i]);
-        scalar_t s = sigmoid(u[b * 4 * H + j] + ah[b * 3 * H + j]);
-        scalar_t cy = std::tanh(qn[i]);
-        scalar_t dty = dt * s;
-        dQn[i] = g * dty * (scalar_t(1) - cy * cy);
-        dAn[b * 3 * H + j] = g * (cy - yprev[i]) * dt * s * (scalar_t(1) - s);
-        dyp[i] = g * (scalar_t(1) - dty);
-      }
-    });
-    at::mm_out(dz_from_y, dQ[n], w_tz);
-    const scalar_t* dzy = dz_from_y.data_ptr<scalar_t>();
-    for_rows(B, H, [&](int64_t b) {  // through z_n = (1 − Δt) z_{n-1} + Δt tanh(c)
-      for (int64_t j = 0; j < H; ++j) {
-        const int64_t i = b * H + j;
-        scalar_t g = dzp[i] + dzy[i];
-        scalar_t s = sigmoid(u[b * 4 * H + H + j] + ah[b * 3 * H + H + j]);
-        scalar_t cz = std::tanh(u[b * 4 * H + 3 * H + j] + ah[b * 3 * H + 2 * H + j]);
-        scalar_t dtz = dt * s;
-        dAn[b * 3 * H + H + j] = g * (cz - zprev[i]) * dt * s * (scalar_t(1) - s);
-        dAn[b * 3 * H + 2 * H + j] = g * dtz * (scalar_t(1) - cz * cz);
-        dzp[i] = g * (scalar_t(1) - dtz);
-      }
-    });
-    at::mm_out(dym, dA[n], w_hh);
+template <typename T> inline void fwd_y(const T* u, const T* h, const T* q, T* y, T* ym, const T* mask, int64_t H, T dt) {
+  for (int64_t j = 0; j < H; ++j) {  // y_n = (1 − Δt̄_n) y_{n-1} + Δt̄_n tanh(Wy z_n + Vy u + by); q = Wy z_n + b
+    T dty = dt * sigmoid(u[j] + h[j]);
+    T cy = tanh_(q[j] + u[2 * H + j]);
+    y[j] = (T(1) - dty) * y[j] + dty * cy;
   }
-  dy.add_(masked ? dym * mask : dym);
+  if (mask) for (int64_t j = 0; j < H; ++j) ym[j] = y[j] * mask[j];
+  else std::memcpy(ym, y, H * sizeof(T));
+}
+
+// g_y: dL/dy_n (in), becomes the leak part of dL/dy_{n-1}; writes dq (H) and da_gate_y (first H of dA).
+template <typename T> inline void bwd_y(const T* u, const T* ah, const T* q, const T* yprev, T* g_y, T* dq, T* dA,
+                                        int64_t H, T dt) {
+  for (int64_t j = 0; j < H; ++j) {
+    T s = sigmoid(u[j] + ah[j]);
+    T cy = tanh_(q[j]);
+    T g = g_y[j], dty = dt * s;
+    dq[j] = g * dty * (T(1) - cy * cy);
+    dA[j] = g * (cy - yprev[j]) * dt * s * (T(1) - s);
+    g_y[j] = g * (T(1) - dty);
+  }
+}
+
+// g_z: dL/dz_n (in, already including Wy^T dq), becomes dL/dz_{n-1}; writes the z parts of dA.
+template <typename T> inline void bwd_z(const T* u, const T* ah, const T* zprev, T* g_z, T* dA, int64_t H, T dt) {
+  for (int64_t j = 0; j < H; ++j) {
+    T s = sigmoid(u[H + j] + ah[H + j]);
+    T cz = tanh_(u[3 * H + j] + ah[2 * H + j]);
+    T g = g_z[j], dtz = dt * s;
+    dA[H + j] = g * (cz - zprev[j]) * dt * s * (T(1) - s);
+    dA[2 * H + j] = g * dtz * (T(1) - cz * cz);
+    g_z[j] = g * (T(1) - dtz);
+  }
+}
+
+struct Sizes { int64_t T, B, H; };
+
+// y, z: (B, H) states in/out; ys (T, B, H); zs (T, B, H) or null.
+template <typename T>
+void forward_loop(Sizes s, const T* u, const at::Tensor& w_hh, const T* b_hh, const at::Tensor& w_tz, const T* b_tz,
+                  const T* mask, T dt, T* y, T* z, T* ys, T* zs, const at::TensorOptions& opt) {
+  const int64_t Tn = s.T, B = s.B, H = s.H;
+  if (H <= kRowwiseMaxH) {
+    const at::Tensor w_hh_t = w_hh.t().contiguous(), w_tz_t = w_tz.t().contiguous();
+    const T* whh = w_hh_t.data_ptr<T>();
+    const T* wtz = w_tz_t.data_ptr<T>();
+    // rows b0..b0+R-1 over all T steps; y, z of those rows are contiguous in the (B, H) state
+    auto rows = [&](auto r_const, int64_t b0) {
+      constexpr int R = decltype(r_const)::value;
+      T h[R * 3 * kRowwiseMaxH], q[R * kRowwiseMaxH], ym[R * kRowwiseMaxH];
+      T* yb = y + b0 * H; T* zb = z + b0 * H;
+      const T* mb = mask ? mask + b0 * H : nullptr;
+      for (int64_t i = 0; i < R * H; ++i) ym[i] = mb ? yb[i] * mb[i] : yb[i];
+      for (int64_t n = 0; n < Tn; ++n) {
+        const int64_t row = n * B + b0;
+        rows_vecmat<R>(ym, whh, b_hh, h, H, 3 * H);
+        for (int r = 0; r < R; ++r) fwd_z(u + (row + r) * 4 * H, h + r * 3 * H, zb + r * H, H, dt);
+        rows_vecmat<R>(zb, wtz, b_tz, q, H, H);
+        for (int r = 0; r < R; ++r)
+          fwd_y(u + (row + r) * 4 * H, h + r * 3 * H, q + r * H, yb + r * H, ym + r * H, mb ? mb + r * H : nullptr, H, dt);
+        std::memcpy(ys + row * H, yb, R * H * sizeof(T));
+        if (zs) std::memcpy(zs + row * H, zb, R * H * sizeof(T));
+      }
+    };
+    for_row_blocks(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
+      if (full) rows(std::integral_constant<int, kRowBlock>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
+    });
+    return;
+  }
+  at::Tensor h = at::empty({B, 3 * H}, opt), q = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
+  const at::Tensor w_hh_t = w_hh.t(), w_tz_t = w_tz.t();
+  const at::Tensor zt = at::from_blob(z, {B, H}, opt);
+  T* hp = h.data_ptr<T>(); T* qp = q.data_ptr<T>(); T* ymp = ym.data_ptr<T>();
+  for (int64_t i = 0; i < B * H; ++i) ymp[i] = mask ? y[i] * mask[i] : y[i];
+  for (int64_t n = 0; n < Tn; ++n) {
+    const T* un = u + n * B * 4 * H;
+    at::addmm_out(h, at::from_blob(const_cast<T*>(b_hh), {3 * H}, opt), ym, w_hh_t);
+    for_rows(B, H, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) fwd_z(un + b * 4 * H, hp + b * 3 * H, z + b * H, H, dt);
+    });
+    at::addmm_out(q, at::from_blob(const_cast<T*>(b_tz), {H}, opt), zt, w_tz_t);
+    for_rows(B, H, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        fwd_y(un + b * 4 * H, hp + b * 3 * H, qp + b * H, y + b * H, ymp + b * H, mask ? mask + b * H : nullptr, H, dt);
+    });
+    std::memcpy(ys + n * B * H, y, B * H * sizeof(T));
+    if (zs) std::memcpy(zs + n * B * H, z, B * H * sizeof(T));
+  }
+}
+
+// a_h: hid2hid(y_{n-1} ⊙ mask) + bias of all steps (T, B, 3H); q_all: Wy z_n + b + Vy u_n (T, B, H).
+// g_y, g_z (B, H): enter as 0 and dL/dz_T, leave as dL/dy_0, dL/dz_0. Writes dA (T, B, 3H), dQ (T, B, H).
+template <typename T>
+void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y_prev,
+                   const T* z_prev, const at::Tensor& w_hh, const at::Tensor& w_tz, const T* mask, T dt, T* g_y,
+                   T* g_z, T* dA, T* dQ, const at::TensorOptions& opt) {
+  const int64_t Tn = s.T, B = s.B, H = s.H;
+  if (H <= kRowwiseMaxH) {
+    const T* whh = w_hh.data_ptr<T>();
+    const T* wtz = w_tz.data_ptr<T>();
+    auto rows = [&](auto r_const, int64_t b0) {
+      constexpr int R = decltype(r_const)::value;
+      T dzy[R * kRowwiseMaxH], dym[R * kRowwiseMaxH];
+      T* gy = g_y + b0 * H; T* gz = g_z + b0 * H;
+      const T* mb = mask ? mask + b0 * H : nullptr;
+      std::fill(dym, dym + R * H, T(0));
+      for (int64_t n = Tn - 1; n >= 0; --n) {
+        const int64_t row = n * B + b0;  // R consecutive rows of step n
+        for (int64_t i = 0; i < R * H; ++i) gy[i] += grad_ys[row * H + i] + (mb ? dym[i] * mb[i] : dym[i]);
+        for (int r = 0; r < R; ++r)
+          bwd_y(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, q_all + (row + r) * H, y_prev + (row + r) * H,
+                gy + r * H, dQ + (row + r) * H, dA + (row + r) * 3 * H, H, dt);
+        rows_vecmat<R>(dQ + row * H, wtz, static_cast<const T*>(nullptr), dzy, H, H);
+        for (int64_t i = 0; i < R * H; ++i) gz[i] += dzy[i];
+        for (int r = 0; r < R; ++r)
+          bwd_z(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, z_prev + (row + r) * H, gz + r * H,
+                dA + (row + r) * 3 * H, H, dt);
+        rows_vecmat<R>(dA + row * 3 * H, whh, static_cast<const T*>(nullptr), dym, 3 * H, H);
+      }
+      for (int64_t i = 0; i < R * H; ++i) gy[i] += mb ? dym[i] * mb[i] : dym[i];
+    };
+    for_row_blocks(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
+      if (full) rows(std::integral_constant<int, kRowBlock>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
+    });
+    return;
+  }
+  at::Tensor dzy = at::empty({B, H}, opt), dym = at::zeros({B, H}, opt);
+  T* dzyp = dzy.data_ptr<T>(); T* dymp = dym.data_ptr<T>();
+  for (int64_t n = Tn - 1; n >= 0; --n) {
+    const int64_t r0 = n * B;
+    for_rows(B, H, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r = r0 + b;
+        T* gy = g_y + b * H;
+        for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + (mask ? dymp[b * H + j] * mask[b * H + j] : dymp[b * H + j]);
+        bwd_y(u + r * 4 * H, a_h + r * 3 * H, q_all + r * H, y_prev + r * H, gy, dQ + r * H, dA + r * 3 * H, H, dt);
+      }
+    });
+    at::mm_out(dzy, at::from_blob(dQ + r0 * H, {B, H}, opt), w_tz);
+    for_rows(B, H, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r = r0 + b;
+        T* gz = g_z + b * H;
+        for (int64_t j = 0; j < H; ++j) gz[j] += dzyp[b * H + j];
+        bwd_z(u + r * 4 * H, a_h + r * 3 * H, z_prev + r * H, gz, dA + r * 3 * H, H, dt);
+      }
+    });
+    at::mm_out(dym, at::from_blob(dA + r0 * 3 * H, {B, 3 * H}, opt), w_hh);
+  }
+  for (int64_t i = 0; i < B * H; ++i) g_y[i] += mask ? dymp[i] * mask[i] : dymp[i];
 }
 
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) {
   return mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
 }
 
+template <typename T> const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
 void check(const at::Tensor& u_proj, const at::Tensor& y0) {
   TORCH_CHECK(u_proj.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
-  TORCH_CHECK(u_proj.dim() == 3 && u_proj.size(2) == 4 * y0.size(1), "lem_cpu: u_proj must be (T, B, 4H)");
+  TORCH_CHECK(u_proj.dim() == 3 && u_proj.size(0) > 0 && u_proj.size(2) == 4 * y0.size(1),
+              "lem_cpu: u_proj must be (T, B, 4H) with T > 0");
 }
 
 }  // namespace
 
-// Returns ys (T, B, H), zs (T, B, H) when keep_z else only z_T as (1, B, H).
+// Returns ys (T, B, H) and zs (T, B, H) when keep_z, else only z_T as (1, B, H).
 std::vector<at::Tensor> lem_forward(at::Tensor u_proj, at::Tensor y0, at::Tensor z0, at::Tensor w_hh,
                                     at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
                                     c10::optional<at::Tensor> mask_opt, double dt, bool keep_z) {
   check(u_proj, y0);
-  u_proj = u_proj.contiguous();
-  const int64_t T = u_proj.size(0), B = u_proj.size(1), H = y0.size(1);
-  at::Tensor mask = opt_mask(mask_opt);
+  u_proj = u_proj.contiguous(); w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
+  b_hh = b_hh.contiguous(); b_tz = b_tz.contiguous();
+  const Sizes s{u_proj.size(0), u_proj.size(1), y0.size(1)};
+  const at::Tensor mask = opt_mask(mask_opt);
   at::Tensor y = y0.contiguous().clone(), z = z0.contiguous().clone();
-  at::Tensor ys = at::empty({T, B, H}, y.options());
-  at::Tensor zs = keep_z ? at::empty({T, B, H}, y.options()) : at::Tensor();
-  at::Tensor w_hh_t = w_hh.t().contiguous(), w_tz_t = w_tz.t().contiguous();
+  at::Tensor ys = at::empty({s.T, s.B, s.H}, y.options());
+  at::Tensor zs = keep_z ? at::empty({s.T, s.B, s.H}, y.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_forward", [&] {
-    forward_loop<scalar_t>(u_proj, w_hh_t, b_hh.contiguous(), w_tz_t, b_tz.contiguous(), mask, dt, y, z, ys, zs,
-                           keep_z);
+    forward_loop<scalar_t>(s, u_proj.data_ptr<scalar_t>(), w_hh, b_hh.data_ptr<scalar_t>(), w_tz,
+                           b_tz.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(mask), static_cast<scalar_t>(dt),
+                           y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>(),
+                           keep_z ? zs.data_ptr<scalar_t>() : nullptr, y.options());
   });
   return {ys, keep_z ? zs : z.unsqueeze(0)};
 }
 
 // Returns d u_proj (T, B, 4H), d y0, d z0, d w_hh, d b_hh, d w_tz, d b_tz.
-std::vector<at::Tensor> lem_backward(at::Tensor grad_ys, at::Tensor grad_zT, at::Tensor u_proj, at::Tensor ys,
-                                     at::Tensor zs, at::Tensor y0, at::Tensor z0, at::Tensor w_hh,
+std::vector<at::Tensor> lem_backward(at::Tensor grad_ys, c10::optional<at::Tensor> grad_zT, at::Tensor u_proj,
+                                     at::Tensor ys, at::Tensor zs, at::Tensor y0, at::Tensor z0, at::Tensor w_hh,
                                      at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
                                      c10::optional<at::Tensor> mask_opt, double dt) {
   check(u_proj, y0);
-  u_proj = u_proj.contiguous();
-  grad_ys = grad_ys.contiguous();
+  u_proj = u_proj.contiguous(); grad_ys = grad_ys.contiguous(); zs = zs.contiguous();
+  w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
   const int64_t T = u_proj.size(0), B = u_proj.size(1), H = y0.size(1);
-  at::Tensor mask = opt_mask(mask_opt);
-  w_hh = w_hh.contiguous();
-  w_tz = w_tz.contiguous();
-  at::Tensor y_prev = at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).contiguous();
-  at::Tensor z_prev = at::cat({z0.unsqueeze(0), zs.narrow(0, 0, T - 1)}).contiguous();
-  at::Tensor ym_prev = mask.defined() ? y_prev * mask : y_prev;
-  // gate pre-activations of all steps, recomputed in bulk (SPEC §1 with the chunk orders above)
-  at::Tensor a_h = at::addmm(b_hh, ym_prev.view({T * B, H}), w_hh.t()).view({T, B, 3 * H});
-  at::Tensor q_all = at::addmm(b_tz, zs.contiguous().view({T * B, H}), w_tz.t()).view({T, B, H})
-                         .add_(u_proj.narrow(2, 2 * H, H));
-  at::Tensor dy = at::zeros({B, H}, y0.options());
-  at::Tensor dz = grad_zT.defined() ? grad_zT.contiguous().clone() : at::zeros({B, H}, y0.options());
-  at::Tensor dA = at::empty({T, B, 3 * H}, y0.options());
-  at::Tensor dQ = at::empty({T, B, H}, y0.options());
+  const at::Tensor mask = opt_mask(mask_opt);
+  const at::Tensor y_prev = at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).contiguous();
+  const at::Tensor z_prev = at::cat({z0.unsqueeze(0), zs.narrow(0, 0, T - 1)}).contiguous();
+  const at::Tensor ym_prev = mask.defined() ? y_prev * mask : y_prev;
+  // the gate pre-activations of all steps, recomputed in bulk
+  const at::Tensor a_h = at::addmm(b_hh, ym_prev.view({T * B, H}), w_hh.t()).view({T, B, 3 * H});
+  const at::Tensor q_all = at::addmm(b_tz, zs.view({T * B, H}), w_tz.t()).view({T, B, H})
+                               .add_(u_proj.narrow(2, 2 * H, H)).contiguous();
+  at::Tensor g_y = at::zeros({B, H}, y0.options());
+  at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->contiguous().clone() : at::zeros({B, H}, y0.options());
+  at::Tensor dA = at::empty({T, B, 3 * H}, y0.options()), dQ = at::empty({T, B, H}, y0.options());
   AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_backward", [&] {
-    backward_loop<scalar_t>(grad_ys, u_proj, a_h, q_all, y_prev, z_prev, w_hh, w_tz, mask, dt, dy, dz, dA, dQ);
+    using T_ = scalar_t;
+    backward_loop<T_>({T, B, H}, grad_ys.data_ptr<T_>(), u_proj.data_ptr<T_>(), a_h.data_ptr<T_>(),
+                      q_all.data_ptr<T_>(), y_prev.data_ptr<T_>(), z_prev.data_ptr<T_>(), w_hh, w_tz,
+                      ptr_or_null<T_>(mask), static_cast<T_>(dt), g_y.data_ptr<T_>(), g_z.data_ptr<T_>(),
+                      dA.data_ptr<T_>(), dQ.data_ptr<T_>(), y0.options());
   });
   // weight gradients: one GEMM each over all T·B rows
-  at::Tensor dA2 = dA.view({T * B, 3 * H}), dQ2 = dQ.view({T * B, H});
-  at::Tensor d_w_hh = at::mm(dA2.t(), ym_prev.view({T * B, H}));
-  at::Tensor d_w_tz = at::mm(dQ2.t(), zs.contiguous().view({T * B, H}));
+  const at::Tensor dA2 = dA.view({T * B, 3 * H}), dQ2 = dQ.view({T * B, H});
   at::Tensor d_u = at::cat({dA.narrow(2, 0, 2 * H), dQ, dA.narrow(2, 2 * H, H)}, 2);
-  return {d_u, dy, dz, d_w_hh, dA2.sum(0), d_w_tz, dQ2.sum(0)};
+  return {d_u, g_y, g_z, at::mm(dA2.t(), ym_prev.view({T * B, H})), dA2.sum(0), at::mm(dQ2.t(), zs.view({T * B, H})),
+          dQ2.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
