@@ -125,7 +125,7 @@ class LEM(_LEMParameters):
         y, z = self._initial_state(state, x.size(1), x)
         y_mask = self.state_dropout_mask(x.size(1), x)
         u_proj = self.inp2hid(x)  # the input projection of all T steps in one GEMM
-        backend = kernels.resolve(self.backend, x.device)
+        backend = kernels.resolve(self.backend, x.device, self.hidden_size, x.dtype)
         if backend == "reference":
             ys, z = self._reference_loop(u_proj, y, z, y_mask)
         else:

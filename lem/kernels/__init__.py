@@ -5,7 +5,9 @@
     triton     fused GPU path: one Triton kernel for the forward, one for the backward (gpu.py)
     auto       cpp for CPU tensors, triton for CUDA tensors
 
-A fused path that cannot be built falls back to `reference` with one warning.
+A fused path that cannot be built falls back to `reference` with one warning. The Triton kernels
+keep all recurrent weights on chip, so they take float32 and H <= gpu.MAX_H; other calls that
+would go to them run on `reference` (cuBLAS per step).
 """
 import os
 import warnings
@@ -26,7 +28,7 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(name, device):
+def resolve(name, device, hidden_size=1, dtype=torch.float32):
     """The backend that runs a call with tensors on `device`."""
     check_backend(name)
     if name == "auto":
@@ -36,6 +38,8 @@ def resolve(name, device):
     if name == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(f"backend 'triton' runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}")
     if name != "reference" and not _usable(name):
+        return "reference"
+    if name == "triton" and (dtype != torch.float32 or hidden_size > gpu_max_h()):
         return "reference"
     return name
 
@@ -55,6 +59,12 @@ def _usable(name):
             warnings.warn(f"LEM backend {name!r} is unavailable ({type(error).__name__}: {str(error).strip()[:300]}); "
                           f"using the slower 'reference' loop instead", RuntimeWarning, stacklevel=4)
     return _broken[name] is None
+
+
+def gpu_max_h():
+    """Largest hidden size the Triton kernels take (their weights must fit on chip)."""
+    from .gpu import MAX_H
+    return MAX_H
 
 
 def fused(name, u_proj, y0, z0, hid2hid, transform_z, mask, dt):
