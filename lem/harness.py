@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from . import runlog
 from .data import data_dir as resolve_data_dir
+from .model import LEM
 
 
 class Task:
@@ -97,6 +98,8 @@ def build_parser(task_cls):
     p.add_argument("--grad_norm", type=float, default=d["grad_norm"], help="gradient-norm clip, 0 = off")
     p.add_argument("--lr_decay_epoch", type=int, default=d["lr_decay_epoch"], help="lr/10 from this epoch on")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
+                   help="how LEM layers run their time loop (docs/kernels.md)")
     p.add_argument("--data-dir", dest="data_dir", default=None,
                    help="data folder (default: $LEM_DATA, else data/ at the repository root)")
     p.add_argument("--out-dir", dest="out_dir", default=None,
@@ -189,7 +192,7 @@ class Run:
         return summary
 
 
-RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir"}
+RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "backend"}
 
 
 def check_same_arguments(saved, given):
@@ -230,6 +233,9 @@ def run(task_cls, argv=None):
         sys.exit(f"--resume: no checkpoint at {out.checkpoint}")
 
     model = task.build_model().to(device)
+    for module in model.modules():
+        if isinstance(module, LEM):
+            module.backend = args.backend
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
     if args.resume:
