@@ -4,7 +4,8 @@
     python -m lem.bench --configs fhn smnist_h128 --devices cpu --threads 1
 
 For each configuration and device: forward+backward and forward-only wall time (median of
-several runs after a warm-up), their ratios to the reference loop and to nn.LSTM of the same
+several runs after a warm-up; the backends take turns in every round, so that other load on a
+shared machine hits all of them alike), their ratios to the reference loop and to nn.LSTM of the same
 hidden size, and the memory the autograd graph holds for backward (CPU) or the peak allocated
 memory (CUDA).
 """
@@ -33,20 +34,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats, budget_s):
-    """Median wall time of fn() over up to `repeats` runs after one warm-up (fewer if slow)."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(max(1, min(repeats, int(budget_s / max(first, 1e-9))))):
+def interleaved_medians(fns, device, repeats, budget_s):
+    """Median wall time of each fn after one warm-up each. The fns take turns in every round so
+    that load from other processes on a shared machine hits all of them alike; fewer rounds when
+    one round would exceed budget_s."""
+    def once(fn):
+        sync(device)
         start = time.perf_counter()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    round_s = sum(once(fn) for fn in fns.values())
+    times = {name: [] for name in fns}
+    for _ in range(max(1, min(repeats, int(budget_s / max(round_s, 1e-9))))):
+        for name, fn in fns.items():
+            times[name].append(once(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def saved_bytes(fn):
@@ -62,26 +66,24 @@ def saved_bytes(fn):
     return sum(storages.values()), out
 
 
-def measure(module, x, repeats=5, budget_s=20.0):
-    """(forward+backward s, forward s, memory bytes) of module on input x."""
-    device = x.device
-
-    def forward_backward():
+def memory(module, x):
+    """Peak allocated bytes of forward+backward (CUDA), or bytes kept for backward (CPU)."""
+    if x.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(x.device)
         module(x)[0].sum().backward()
+        return torch.cuda.max_memory_allocated(x.device)
+    return saved_bytes(lambda: module(x))[0]
 
-    def forward():
+
+def forward_backward(module, x):
+    return lambda: module(x)[0].sum().backward()
+
+
+def forward_only(module, x):
+    def run():
         with torch.no_grad():
             module(x)
-
-    fb = timed(forward_backward, device, repeats, budget_s)
-    f = timed(forward, device, repeats, budget_s)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        forward_backward()
-        memory = torch.cuda.max_memory_allocated(device)
-    else:
-        memory, _ = saved_bytes(lambda: module(x))
-    return fb, f, memory
+    return run
 
 
 def backends_for(device):
@@ -90,16 +92,16 @@ def backends_for(device):
 
 
 def bench_config(name, device, repeats, budget_s):
+    """{backend: (forward+backward s, forward s, memory bytes)} for one configuration."""
     T, B, H, I = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(T, B, I, device=device)
-    rows = {}
-    for backend in backends_for(device):
-        if backend == "triton" and H > kernels.gpu_max_h():
-            continue  # LEM would run it on the reference loop
-        rows[backend] = measure(LEM(I, H, backend=backend).to(device), x, repeats, budget_s)
-    rows["nn.LSTM"] = measure(nn.LSTM(I, H).to(device), x, repeats, budget_s)
-    return rows
+    modules = {backend: LEM(I, H, backend=backend).to(device) for backend in backends_for(device)
+               if backend != "triton" or H <= kernels.gpu_max_h()}  # else LEM runs the reference loop
+    modules["nn.LSTM"] = nn.LSTM(I, H).to(device)
+    fb = interleaved_medians({k: forward_backward(m, x) for k, m in modules.items()}, device, repeats, budget_s)
+    f = interleaved_medians({k: forward_only(m, x) for k, m in modules.items()}, device, repeats, budget_s)
+    return {k: (fb[k], f[k], memory(m, x)) for k, m in modules.items()}
 
 
 def table(name, device, rows):
@@ -120,7 +122,8 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
-    p.add_argument("--budget", type=float, default=20.0, help="fewer repeats when one run would exceed this many s")
+    p.add_argument("--budget", type=float, default=60.0,
+                   help="fewer repeats when they would take more than this many s per configuration")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = p.parse_args(argv)
     if args.threads:

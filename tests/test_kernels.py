@@ -10,7 +10,7 @@ import torch
 import lem
 from lem import bench, kernels
 from lem.kernels import cpu
-from helpers import train_env
+from helpers import read_run, run_train, train_env
 
 
 def run(layer, x, state, seed=1):
@@ -107,3 +107,12 @@ def test_bench_measures_every_backend(monkeypatch):
     assert set(rows) == {"reference", "cpp", "nn.LSTM"}
     assert all(fb > 0 and f > 0 and memory > 0 for fb, f, memory in rows.values())
     assert "| cpp |" in bench.table("tiny", torch.device("cpu"), rows)
+
+
+def test_harness_backend_flag_trains_the_same_model(tmp_path):
+    finals = {}
+    for backend in ("reference", "cpp"):
+        run_train("adding", "--seq_length", 20, "--max_iter", 200, "--test_size", 40, "--nhid", 8, "--batch", 10,
+                  "--backend", backend, out_dir=tmp_path / backend, data_dir=tmp_path)
+        finals[backend] = read_run(tmp_path / backend / "lem_T20_h8_seed5544")[0]["test"]
+    assert finals["cpp"] == pytest.approx(finals["reference"], rel=1e-3)
