@@ -37,10 +37,11 @@ def assert_matches(backend, T, B, H, I, batch_first=False, with_state=False, sta
 
 
 @pytest.mark.parametrize("T, B, H, I, batch_first, with_state, state_dropout", [
-    (50, 8, 16, 1, False, False, 0.0),   # per-row strategy, full blocks of rows
+    (50, 8, 16, 1, False, False, 0.0),   # per-row strategy, H fixed at compile time, full blocks of rows
     (30, 7, 17, 3, True, True, 0.3),     # H not a power of two, leftover rows, batch_first, y0/z0, mask
     (1, 1, 5, 2, False, True, 0.0),      # T = 1, B = 1
     (12, 1, 33, 4, True, False, 0.5),    # B = 1
+    (9, 5, 32, 2, True, True, 0.4),      # H = 32 fixed at compile time, y0/z0, mask
     (20, 6, 70, 3, False, True, 0.2),    # per-step GEMM strategy (H > 64)
 ])
 def test_fused_cpu_matches_reference(T, B, H, I, batch_first, with_state, state_dropout):
