@@ -95,7 +95,7 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* _
 }
 
 // ---- the elementwise half-steps of one batch row (u: 4H, h: 3H hidden part incl. bias) ----
-template <typename T> inline void fwd_z(const T* u, const T* h, T* z, int64_t H, T dt) {
+template <typename T> inline void fwd_z(const T* __restrict u, const T* __restrict h, T* __restrict z, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {  // z_n = (1 − Δt_n) z_{n-1} + Δt_n tanh(Wz y + Vz u + bz)
     T dtz = dt * sigmoid(u[H + j] + h[H + j]);
     T cz = tanh_(u[3 * H + j] + h[2 * H + j]);
@@ -103,7 +103,7 @@ template <typename T> inline void fwd_z(const T* u, const T* h, T* z, int64_t H,
   }
 }
 
-template <typename T> inline void fwd_y(const T* u, const T* h, const T* q, T* y, T* ym, const T* mask, int64_t H, T dt) {
+template <typename T> inline void fwd_y(const T* __restrict u, const T* __restrict h, const T* __restrict q, T* __restrict y, T* __restrict ym, const T* __restrict mask, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {  // y_n = (1 − Δt̄_n) y_{n-1} + Δt̄_n tanh(Wy z_n + Vy u + by); q = Wy z_n + b
     T dty = dt * sigmoid(u[j] + h[j]);
     T cy = tanh_(q[j] + u[2 * H + j]);
@@ -114,7 +114,7 @@ template <typename T> inline void fwd_y(const T* u, const T* h, const T* q, T* y
 }
 
 // g_y: dL/dy_n (in), becomes the leak part of dL/dy_{n-1}; writes dq (H) and da_gate_y (first H of dA).
-template <typename T> inline void bwd_y(const T* u, const T* ah, const T* q, const T* yprev, T* g_y, T* dq, T* dA,
+template <typename T> inline void bwd_y(const T* __restrict u, const T* __restrict ah, const T* __restrict q, const T* __restrict yprev, T* __restrict g_y, T* __restrict dq, T* __restrict dA,
                                         int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
     T s = sigmoid(u[j] + ah[j]);
@@ -127,7 +127,7 @@ template <typename T> inline void bwd_y(const T* u, const T* ah, const T* q, con
 }
 
 // g_z: dL/dz_n (in, already including Wy^T dq), becomes dL/dz_{n-1}; writes the z parts of dA.
-template <typename T> inline void bwd_z(const T* u, const T* ah, const T* zprev, T* g_z, T* dA, int64_t H, T dt) {
+template <typename T> inline void bwd_z(const T* __restrict u, const T* __restrict ah, const T* __restrict zprev, T* __restrict g_z, T* __restrict dA, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
     T s = sigmoid(u[H + j] + ah[H + j]);
     T cz = tanh_(u[3 * H + j] + ah[2 * H + j]);
@@ -264,7 +264,9 @@ void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r = r0 + b;
         T* gy = g_y + b * H;
-        for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + (mask ? dymp[b * H + j] * mask[b * H + j] : dymp[b * H + j]);
+        const T* dymb = dymp + b * H;
+        if (mask) for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + dymb[j] * mask[b * H + j];
+        else for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + dymb[j];
         bwd_y(u + r * 4 * H, a_h + r * 3 * H, q_all + r * H, y_prev + r * H, gy, dQ + r * H, dA + r * 3 * H, H, dt);
       }
     });
