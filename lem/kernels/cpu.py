@@ -20,8 +20,9 @@ def load():
             os.makedirs(build_dir, exist_ok=True)
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
         from torch.utils import cpp_extension
+        flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", *_simd_flags()]  # lets the exp/tanh loops vectorise
         _module = cpp_extension.load(name="lem_cpu", sources=[str(SOURCE)], build_directory=build_dir,
-                                     extra_cflags=["-O3", "-fno-trapping-math", "-fno-math-errno", *_simd_flags()], verbose=False)
+                                     extra_cflags=flags, verbose=False)
     return _module
 
 
