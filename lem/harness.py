@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from . import distributed, runlog
 from .data import data_dir as resolve_data_dir
+from .model import LEM
 
 
 class Task:
@@ -109,6 +110,8 @@ def build_parser(task_cls):
     p.add_argument("--grad_norm", type=float, default=d["grad_norm"], help="gradient-norm clip, 0 = off")
     p.add_argument("--lr_decay_epoch", type=int, default=d["lr_decay_epoch"], help="lr/10 from this epoch on")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
+                   help="how LEM layers run their time loop (docs/kernels.md)")
     p.add_argument("--data-dir", dest="data_dir", default=None,
                    help="data folder (default: $LEM_DATA, else data/ at the repository root)")
     p.add_argument("--out-dir", dest="out_dir", default=None,
@@ -207,7 +210,7 @@ class Run:
         return summary
 
 
-RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds"}
+RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds", "backend"}
 
 
 def check_same_arguments(saved, given):
@@ -258,6 +261,9 @@ def train(task_cls, args):
         sys.exit(f"--resume: no checkpoint at {out.checkpoint}")
 
     model = task.build_model().to(device)
+    for module in model.modules():
+        if isinstance(module, LEM):
+            module.backend = args.backend
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     if distributed.rank() > 0:
         seed_everything(args.seed + distributed.rank())  # same init everywhere, then own dropout masks

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
+
 
 def lem_step(u_proj, y, z, hid2hid, transform_z, dt, y_mask=None):
     """One LEM step. u_proj = inp2hid(u_n), already computed for all steps at once.
@@ -90,14 +92,19 @@ class LEM(_LEMParameters):
     state_dropout > 0 (PTB, SPEC §3.9): in training, variational dropout on the recurrent state:
     one mask per call (a sequence window), multiplying y_{n-1} where it enters hid2hid at every
     step; the leaky carry (1 − Δt̄_n) ⊙ y_{n-1} and the outputs are not masked.
+
+    backend: how the time loop runs (lem/kernels, docs/kernels.md): 'reference' (the loop below),
+    'cpp' (fused CPU), 'triton' (fused GPU), or 'auto' (the fused one for the tensors' device,
+    'reference' with a warning if it cannot be built). Every backend honours state and state_dropout.
     """
 
-    def __init__(self, input_size, hidden_size, dt=1.0, batch_first=False, state_dropout=0.0):
+    def __init__(self, input_size, hidden_size, dt=1.0, batch_first=False, state_dropout=0.0, backend="auto"):
         super().__init__(input_size, hidden_size, dt)
         if not 0.0 <= state_dropout < 1.0:
             raise ValueError(f"state_dropout must be in [0, 1), got {state_dropout}")
         self.batch_first = batch_first
         self.state_dropout = state_dropout
+        self.backend = kernels.check_backend(backend)
 
     def state_dropout_mask(self, batch, like):
         """The per-window mask (batch, hidden), scaled by 1/(1 − p); None when not in use."""
@@ -113,23 +120,34 @@ class LEM(_LEMParameters):
         self._check_features(x)
         if self.batch_first:
             x = x.transpose(0, 1)
+        if x.size(0) == 0:
+            raise ValueError("LEM expects at least one time step")
         y, z = self._initial_state(state, x.size(1), x)
         y_mask = self.state_dropout_mask(x.size(1), x)
         u_proj = self.inp2hid(x)  # the input projection of all T steps in one GEMM
-        ys = []
-        for u in u_proj:
-            y, z = lem_step(u, y, z, self.hid2hid, self.transform_z, self.dt, y_mask)
-            ys.append(y)
-        ys = torch.stack(ys)
+        backend = kernels.resolve(self.backend, x.device, self.hidden_size, x.dtype)
+        if backend == "reference":
+            ys, z = self._reference_loop(u_proj, y, z, y_mask)
+        else:
+            ys, z = kernels.fused(backend, u_proj, y, z, self.hid2hid, self.transform_z, y_mask, self.dt)
+        y = ys[-1]
         if self.batch_first:
             ys = ys.transpose(0, 1)
         return ys, (y, z)
 
+    def _reference_loop(self, u_proj, y, z, y_mask):
+        ys = []
+        for u in u_proj:
+            y, z = lem_step(u, y, z, self.hid2hid, self.transform_z, self.dt, y_mask)
+            ys.append(y)
+        return torch.stack(ys), z
 
-def make_rnn(model, input_size, hidden_size, dt=1.0):
-    """The recurrent layer of a model: 'lem', or the paper's baselines 'lstm' and 'gru' (time-first)."""
+
+def make_rnn(model, input_size, hidden_size, dt=1.0, backend="auto"):
+    """The recurrent layer of a model: 'lem', or the paper's baselines 'lstm' and 'gru' (time-first).
+    backend: LEM's time-loop backend (see LEM)."""
     if model == "lem":
-        return LEM(input_size, hidden_size, dt)
+        return LEM(input_size, hidden_size, dt, backend=backend)
     if model == "lstm":
         return nn.LSTM(input_size, hidden_size)
     if model == "gru":

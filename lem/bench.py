@@ -1,0 +1,140 @@
+"""Speed of the LEM backends against the reference loop and nn.LSTM (docs/kernels.md).
+
+    python -m lem.bench                      # every configuration, CPU and (if present) CUDA
+    python -m lem.bench --configs fhn smnist_h128 --devices cpu --threads 1
+
+For each configuration and device: forward+backward and forward-only wall time (median of
+several runs after a warm-up; the backends take turns in every round, so that other load on a
+shared machine hits all of them alike), their ratios to the reference loop and to nn.LSTM of the same
+hidden size, and the memory the autograd graph holds for backward (CPU) or the peak allocated
+memory (CUDA).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from . import kernels
+from .model import LEM
+
+# name: (T, B, H, I), SPEC §3
+CONFIGS = {
+    "smnist_h128": (784, 128, 128, 1),
+    "smnist_h256": (784, 128, 256, 1),
+    "fhn": (1000, 32, 16, 1),
+    "eigenworms": (17984, 8, 32, 6),
+    "ptb_char": (150, 128, 1024, 200),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(fns, device, repeats, budget_s):
+    """Median wall time of each fn after one warm-up each. The fns take turns in every round so
+    that load from other processes on a shared machine hits all of them alike; fewer rounds when
+    one round would exceed budget_s."""
+    def once(fn):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    round_s = sum(once(fn) for fn in fns.values())
+    times = {name: [] for name in fns}
+    for _ in range(max(1, min(repeats, int(budget_s / max(round_s, 1e-9))))):
+        for name, fn in fns.items():
+            times[name].append(once(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def saved_bytes(fn):
+    """Bytes of the distinct tensors the autograd graph keeps for backward during fn()."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def memory(module, x):
+    """Peak allocated bytes of forward+backward (CUDA), or bytes kept for backward (CPU)."""
+    if x.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(x.device)
+        module(x)[0].sum().backward()
+        return torch.cuda.max_memory_allocated(x.device)
+    return saved_bytes(lambda: module(x))[0]
+
+
+def forward_backward(module, x):
+    return lambda: module(x)[0].sum().backward()
+
+
+def forward_only(module, x):
+    def run():
+        with torch.no_grad():
+            module(x)
+    return run
+
+
+def backends_for(device):
+    names = ["reference", "cpp"] if device.type == "cpu" else ["reference", "triton"]
+    return [n for n in names if n == "reference" or kernels.resolve(n, device) == n]
+
+
+def bench_config(name, device, repeats, budget_s):
+    """{backend: (forward+backward s, forward s, memory bytes)} for one configuration."""
+    T, B, H, I = CONFIGS[name]
+    torch.manual_seed(0)
+    x = torch.randn(T, B, I, device=device)
+    modules = {backend: LEM(I, H, backend=backend).to(device) for backend in backends_for(device)
+               if backend != "triton" or H <= kernels.gpu_max_h()}  # else LEM runs the reference loop
+    modules["nn.LSTM"] = nn.LSTM(I, H).to(device)
+    fb = interleaved_medians({k: forward_backward(m, x) for k, m in modules.items()}, device, repeats, budget_s)
+    f = interleaved_medians({k: forward_only(m, x) for k, m in modules.items()}, device, repeats, budget_s)
+    return {k: (fb[k], f[k], memory(m, x)) for k, m in modules.items()}
+
+
+def table(name, device, rows):
+    T, B, H, I = CONFIGS[name]
+    ref, lstm = rows["reference"], rows["nn.LSTM"]
+    mem = "peak MB" if device.type == "cuda" else "saved MB"
+    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}) on {device.type}",
+             f"| backend | fwd+bwd ms | fwd ms | speed-up vs reference fwd+bwd / fwd | vs nn.LSTM fwd+bwd / fwd | {mem} |",
+             "|---|---|---|---|---|---|"]
+    for backend, (fb, f, memory) in rows.items():
+        lines.append(f"| {backend} | {fb * 1e3:.1f} | {f * 1e3:.1f} | {ref[0] / fb:.2f}x / {ref[1] / f:.2f}x | "
+                     f"{lstm[0] / fb:.2f}x / {lstm[1] / f:.2f}x | {memory / 2**20:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    p.add_argument("--budget", type=float, default=60.0,
+                   help="fewer repeats when they would take more than this many s per configuration")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+    for device in map(torch.device, devices):
+        for name in args.configs:
+            print(table(name, device, bench_config(name, device, args.repeats, args.budget)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

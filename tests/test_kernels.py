@@ -1,0 +1,119 @@
+"""The fused LEM backends against the reference loop (SPEC §1): outputs and every gradient."""
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lem
+from lem import bench, kernels
+from lem.kernels import cpu
+from helpers import read_run, run_train, train_env
+
+
+def run(layer, x, state, seed=1):
+    """Outputs and the gradients of a loss touching ys, y_T and z_T w.r.t. inputs, states, parameters."""
+    torch.manual_seed(seed)  # the same state-dropout mask for every backend
+    ys, (y, z) = layer(x, state)
+    weights = torch.randn(ys.shape, generator=torch.Generator().manual_seed(2), dtype=ys.dtype)
+    loss = (ys * weights).sum() + (y ** 2).sum() + (2 * z).sum()
+    inputs = [x, *(state or ()), *layer.parameters()]
+    return [ys, y, z, *torch.autograd.grad(loss, inputs)]
+
+
+def assert_matches(backend, T, B, H, I, batch_first=False, with_state=False, state_dropout=0.0, dt=0.7):
+    torch.manual_seed(0)
+    ref = lem.LEM(I, H, dt=dt, batch_first=batch_first, state_dropout=state_dropout, backend="reference")
+    fused = lem.LEM(I, H, dt=dt, batch_first=batch_first, state_dropout=state_dropout, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), requires_grad=True)
+    state = (torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True)) if with_state else None
+    names = ["ys", "y_T", "z_T", "x", *(["y0", "z0"] if with_state else []), *(n for n, _ in ref.named_parameters())]
+    for name, a, b in zip(names, run(fused, x, state), run(ref, x, state)):
+        err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+        assert err <= 1e-5, f"{backend}: {name} differs from the reference by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("T, B, H, I, batch_first, with_state, state_dropout", [
+    (50, 8, 16, 1, False, False, 0.0),   # per-row strategy, H fixed at compile time, full blocks of rows
+    (30, 7, 17, 3, True, True, 0.3),     # H not a power of two, leftover rows, batch_first, y0/z0, mask
+    (1, 1, 5, 2, False, True, 0.0),      # T = 1, B = 1
+    (12, 1, 33, 4, True, False, 0.5),    # B = 1
+    (9, 5, 32, 2, True, True, 0.4),      # H = 32 fixed at compile time, y0/z0, mask
+    (20, 6, 70, 3, False, True, 0.2),    # per-step GEMM strategy (H > 64)
+])
+def test_fused_cpu_matches_reference(T, B, H, I, batch_first, with_state, state_dropout):
+    assert_matches("cpp", T, B, H, I, batch_first, with_state, state_dropout)
+
+
+def test_fused_cpu_float64_and_eval_mode():
+    torch.manual_seed(0)
+    ref = lem.LEM(2, 9, dt=0.3, state_dropout=0.4, backend="reference").double().eval()
+    fused = lem.LEM(2, 9, dt=0.3, state_dropout=0.4, backend="cpp").double().eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(15, 3, 2, dtype=torch.float64, requires_grad=True)
+    for a, b in zip(run(fused, x, None), run(ref, x, None)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the inference path keeps no per-step z
+        torch.testing.assert_close(fused(x)[1][1], ref(x)[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_auto_uses_the_fused_cpu_path():
+    assert kernels.resolve("auto", torch.device("cpu")) == "cpp"
+
+
+def test_bad_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lem.LEM(1, 4, backend="cuda")
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        lem.LEM(1, 4, backend="triton")(torch.randn(3, 2, 1))
+
+
+def test_compile_failure_falls_back_with_one_warning(tmp_path, monkeypatch):
+    broken = tmp_path / "lem_cpu.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu, "SOURCE", broken)
+    monkeypatch.setattr(cpu, "BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(cpu, "_module", None)
+    monkeypatch.setattr(kernels, "_broken", {})
+    torch.manual_seed(0)
+    layer = lem.LEM(2, 6, backend="auto")
+    x = torch.randn(5, 3, 2)
+    with pytest.warns(RuntimeWarning, match="'cpp' is unavailable.*reference"):
+        ys = layer(x)[0]
+    layer.backend = "reference"
+    torch.testing.assert_close(ys, layer(x)[0], rtol=0, atol=0)
+    layer.backend = "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per process, not one per call
+        layer(x)
+
+
+def test_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    # TRITON_INTERPRET must be set before triton is first imported: run in a fresh process
+    code = ("from test_kernels import assert_matches\n"
+            "assert_matches('triton', 3, 2, 5, 2)\n"
+            "assert_matches('triton', 4, 17, 3, 1, batch_first=True, with_state=True, state_dropout=0.3)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=train_env(TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_bench_measures_every_backend(monkeypatch):
+    monkeypatch.setitem(bench.CONFIGS, "tiny", (6, 4, 8, 2))
+    rows = bench.bench_config("tiny", torch.device("cpu"), repeats=1, budget_s=1.0)
+    assert set(rows) == {"reference", "cpp", "nn.LSTM"}
+    assert all(fb > 0 and f > 0 and memory > 0 for fb, f, memory in rows.values())
+    assert "| cpp |" in bench.table("tiny", torch.device("cpu"), rows)
+
+
+def test_harness_backend_flag_trains_the_same_model(tmp_path):
+    finals = {}
+    for backend in ("reference", "cpp"):
+        run_train("adding", "--seq_length", 20, "--max_iter", 200, "--test_size", 40, "--nhid", 8, "--batch", 10,
+                  "--backend", backend, out_dir=tmp_path / backend, data_dir=tmp_path)
+        finals[backend] = read_run(tmp_path / backend / "lem_T20_h8_seed5544")[0]["test"]
+    assert finals["cpp"] == pytest.approx(finals["reference"], rel=1e-3)
