@@ -71,6 +71,10 @@ class Task:
     def load_state_dict(self, state):
         pass
 
+    def start(self, run_dir):
+        """Called with the run folder before training (and on --resume): files a run needs
+        beside its logs go there, e.g. psMNIST's permutation."""
+
 
 def shuffled_batches(n, batch_size, seed, epoch):
     """Index batches of a random permutation of range(n), fixed by (seed, epoch)."""
@@ -228,6 +232,7 @@ def run(task_cls, argv=None):
         sys.exit(f"{out.folder} already holds a run: pass --resume to continue it, or --run-name for a new one")
     if args.resume and not out.checkpoint.exists():
         sys.exit(f"--resume: no checkpoint at {out.checkpoint}")
+    task.start(out.folder)
 
     model = task.build_model().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
