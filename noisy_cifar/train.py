@@ -24,7 +24,6 @@ class NoisyCIFAR(ImageTask):
     defaults = dict(nhid=128, batch=100, lr=0.00322, dt=0.44, epochs=120, lr_decay_epoch=100, seed=5544)
     input_size = FEATURES
     valid_size = 2000
-    eval_chunk = 500
     load = staticmethod(load_cifar10)
 
     @classmethod
