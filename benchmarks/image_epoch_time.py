@@ -86,6 +86,7 @@ def time_experiment(name, flags, n_batches, device_name):
         t2 = time.perf_counter()
         if i >= 2:  # warm-up batches are not counted
             data_s, step_s = data_s + t1 - t0, step_s + t2 - t1
+        print(f"{t2 - t0:.1f}", end=" ", file=sys.stderr, flush=True)
     chunk = task.eval_chunk
     model.eval()
     with torch.no_grad():
@@ -93,6 +94,7 @@ def time_experiment(name, flags, n_batches, device_name):
         model(task.sequences(task.splits["test"][0][:chunk])).argmax(-1)
         sync(device)
         eval_s = time.perf_counter() - t0
+    print(file=sys.stderr)
     n_eval = len(task.splits["valid"][1]) + len(task.splits["test"][1])
     per_batch = (data_s + step_s) / n_batches
     train_epoch = per_batch * len(batches)
