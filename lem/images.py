@@ -63,7 +63,7 @@ def _read_mnist_file(reader, path):
     try:
         return reader(str(path))
     except Exception as e:
-        raise DataError(f"MNIST: cannot decode {path} ({type(e).__name__}: {e or 'bad header or size'}); "
+        raise DataError(f"MNIST: cannot decode {path} ({type(e).__name__}: {str(e) or 'bad header or size'}); "
                         f"the file is corrupt or truncated: delete it.\n{_mnist_by_hand(path.parent)}") from None
 
 
