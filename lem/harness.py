@@ -223,10 +223,10 @@ def run(task_cls, argv=None):
     experiment_dir = Path(inspect.getfile(task_cls)).resolve().parent
     args.data_dir = str(resolve_data_dir(args.data_dir))
     device = pick_device(args.device)
+
     # Gradients through long sequences decay into denormal floats, which slow CPU matmuls ~10x
     # (sMNIST/nCIFAR backward); flushing them (|x| < 1.2e-38) to zero is harmless for training.
     torch.set_flush_denormal(True)
-
     seed_everything(args.seed)
     task = task_cls(args, device)
     run_name = args.run_name or task.run_name()
