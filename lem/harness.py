@@ -266,7 +266,8 @@ def train(task_cls, args):
         sys.exit(f"{out.folder} already holds a run: pass --resume to continue it, or --run-name for a new one")
     if args.resume and not out.checkpoint.exists():
         sys.exit(f"--resume: no checkpoint at {out.checkpoint}")
-    task.start(out.folder)
+    if main:
+        task.start(out.folder)
 
     model = task.build_model().to(device)
     for module in model.modules():
