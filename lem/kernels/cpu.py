@@ -1,5 +1,6 @@
 """The fused CPU path: lem_cpu.cpp compiled on first use with torch.utils.cpp_extension (ninja + g++,
 no step for the user to run) into torch's extension cache, then reused by every later process."""
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -21,7 +22,10 @@ def load():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
         from torch.utils import cpp_extension
         flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", *_simd_flags()]  # lets the exp/tanh loops vectorise
-        _module = cpp_extension.load(name="lem_cpu", sources=[str(SOURCE)], build_directory=build_dir,
+        # The name carries the source's hash: checkouts with other versions of the kernel never
+        # share (or race on) one cached build.
+        digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+        _module = cpp_extension.load(name=f"lem_cpu_{digest}", sources=[str(SOURCE)], build_directory=build_dir,
                                      extra_cflags=flags, verbose=False)
     return _module
 
