@@ -7,8 +7,9 @@
 //     and runs all T steps for them with hand-written mat-vecs (weights stay in L1/L2, no
 //     per-step synchronisation or library call);
 //   - larger H: one ATen GEMM per product and step over the whole batch.
-// Forward keeps only y_n and z_n; backward recomputes the gate pre-activations of all steps with
-// two big GEMMs, runs the reverse loop, then forms the weight gradients as two GEMMs over T·B rows.
+// Forward also keeps the recurrent products of every step (they are written straight into the saved
+// buffers), so backward runs only the reverse loop and then forms the weight gradients as two GEMMs
+// over T·B rows.
 //
 // Layouts (chunks of H): u_proj (T, B, 4H) = [gate y, gate z, cand y, cand z] of inp2hid;
 // hid2hid (3H) = [gate y, gate z, cand z]; transform_z (H) = cand y.
@@ -21,10 +22,25 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int64_t kRowwiseMaxH = 64;  // up to this H the per-row strategy beats per-step GEMMs
+
+// Flush-to-zero and denormals-are-zero for the calling thread while alive. Gradients through long
+// sequences decay into denormal floats (below 1.2e-38), which x86 handles ~100x slower: a backward
+// with the loss on the last step only (sMNIST) took 4.6x longer without this. Results change only
+// for values below 1.2e-38.
+struct FlushDenormals {
+#if defined(__SSE2__)
+  unsigned csr = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(csr | 0x8040); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(csr); }
+#endif
+};
 
 // exp for float as plain arithmetic (Cephes' polynomial, ~2 ulp), so the elementwise loops
 // vectorise; double keeps the libm functions.
@@ -55,6 +71,7 @@ constexpr int kRowBlock = 4;
 template <typename F> inline void for_row_blocks(int64_t B, int64_t work_per_row, const F& f) {
   const int64_t blocks = B / kRowBlock, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t i0, int64_t i1) {
+    FlushDenormals ftz;
     for (int64_t i = i0; i < i1; ++i) f(i * kRowBlock, true);
   });
   for (int64_t b = blocks * kRowBlock; b < B; ++b) f(b, false);
@@ -62,16 +79,58 @@ template <typename F> inline void for_row_blocks(int64_t B, int64_t work_per_row
 
 template <typename F> inline void for_rows(int64_t B, int64_t work_per_row, const F& f) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1));
-  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { f(b0, b1); });
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { FlushDenormals ftz; f(b0, b1); });
 }
 
 // out[r][j] = bias[j] + sum_k v[r][k] m[k][j] for R rows at once, m (K, N) row-major, bias may be
 // null; tiles of R x 8 outputs stay in registers while the weights stream from L1.
+#if defined(__AVX2__) && defined(__FMA__)
+// The float case with explicit AVX2 tiles of R x 16 outputs (2R accumulators); the compiler's
+// own vectorisation of the generic loop below mixed in scalar FMAs and shuffles.
+template <int R>
+inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restrict m, const float* __restrict bias,
+                                float* __restrict out, int64_t K, int64_t N) {
+  int64_t j0 = 0;
+  for (; j0 + 16 <= N; j0 += 16) {
+    __m256 a0[R], a1[R];
+    const __m256 b0 = bias ? _mm256_loadu_ps(bias + j0) : _mm256_setzero_ps();
+    const __m256 b1 = bias ? _mm256_loadu_ps(bias + j0 + 8) : _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) { a0[r] = b0; a1[r] = b1; }
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 w0 = _mm256_loadu_ps(m + k * N + j0), w1 = _mm256_loadu_ps(m + k * N + j0 + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_broadcast_ss(v + r * K + k);
+        a0[r] = _mm256_fmadd_ps(x, w0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(x, w1, a1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(out + r * N + j0, a0[r]);
+      _mm256_storeu_ps(out + r * N + j0 + 8, a1[r]);
+    }
+  }
+  for (; j0 + 8 <= N; j0 += 8) {
+    __m256 a[R];
+    const __m256 b = bias ? _mm256_loadu_ps(bias + j0) : _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) a[r] = b;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 w = _mm256_loadu_ps(m + k * N + j0);
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(v + r * K + k), w, a[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * N + j0, a[r]);
+  }
+  return j0;  // columns done; the caller finishes the rest
+}
+#endif
+
 template <int R, typename T>
 inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* __restrict bias, T* __restrict out,
                         int64_t K, int64_t N) {
   constexpr int W = 8;
   int64_t j0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same_v<T, float>) j0 = rows_vecmat_avx2<R>(v, m, bias, out, K, N);
+#endif
   for (; j0 + W <= N; j0 += W) {
     T acc[R][W];
     for (int r = 0; r < R; ++r)
@@ -118,7 +177,7 @@ template <typename T> inline void bwd_y(const T* __restrict u, const T* __restri
                                         int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
     T s = sigmoid(u[j] + ah[j]);
-    T cy = tanh_(q[j]);
+    T cy = tanh_(q[j] + u[2 * H + j]);
     T g = g_y[j], dty = dt * s;
     dq[j] = g * dty * (T(1) - cy * cy);
     dA[j] = g * (cy - yprev[j]) * dt * s * (T(1) - s);
@@ -154,17 +213,19 @@ template <typename F> inline void with_fixed_h(int64_t H, const F& f) {
 // counts the tiny inner loops unroll and vectorise fully (3x faster at H = 16); HC = 0 is any H.
 template <typename T, int HC>
 void forward_rows(Sizes s, const T* u, const T* whh, const T* b_hh, const T* wtz, const T* b_tz, const T* mask, T dt,
-                  T* y, T* z, T* ys, T* zs) {
+                  T* y, T* z, T* ys, T* zs, T* hs, T* qs) {
   const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H;
     // rows b0..b0+R-1 over all T steps; y, z of those rows are contiguous in the (B, H) state
     auto rows = [&](auto r_const, int64_t b0) {
       constexpr int R = decltype(r_const)::value;
-      T h[R * 3 * kRowwiseMaxH], q[R * kRowwiseMaxH], ym[R * kRowwiseMaxH];
+      T h_own[R * 3 * kRowwiseMaxH], q_own[R * kRowwiseMaxH], ym[R * kRowwiseMaxH];
       T* yb = y + b0 * H; T* zb = z + b0 * H;
       const T* mb = mask ? mask + b0 * H : nullptr;
       for (int64_t i = 0; i < R * H; ++i) ym[i] = mb ? yb[i] * mb[i] : yb[i];
       for (int64_t n = 0; n < Tn; ++n) {
         const int64_t row = n * B + b0;
+        T* h = hs ? hs + row * 3 * H : h_own;  // the R rows of step n are contiguous in hs, qs
+        T* q = qs ? qs + row * H : q_own;
         rows_vecmat<R>(ym, whh, b_hh, h, H, 3 * H);
         for (int r = 0; r < R; ++r) fwd_z(u + (row + r) * 4 * H, h + r * 3 * H, zb + r * H, H, dt);
         rows_vecmat<R>(zb, wtz, b_tz, q, H, H);
@@ -182,22 +243,25 @@ void forward_rows(Sizes s, const T* u, const T* whh, const T* b_hh, const T* wtz
 // y, z: (B, H) states in/out; ys (T, B, H); zs (T, B, H) or null.
 template <typename T>
 void forward_loop(Sizes s, const T* u, const at::Tensor& w_hh, const T* b_hh, const at::Tensor& w_tz, const T* b_tz,
-                  const T* mask, T dt, T* y, T* z, T* ys, T* zs, const at::TensorOptions& opt) {
+                  const T* mask, T dt, T* y, T* z, T* ys, T* zs, T* hs, T* qs, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
   if (H <= kRowwiseMaxH) {
     const at::Tensor w_hh_t = w_hh.t().contiguous(), w_tz_t = w_tz.t().contiguous();
     with_fixed_h(H, [&](auto hc) {
-      forward_rows<T, decltype(hc)::value>(s, u, w_hh_t.data_ptr<T>(), b_hh, w_tz_t.data_ptr<T>(), b_tz, mask, dt, y, z, ys, zs);
+      forward_rows<T, decltype(hc)::value>(s, u, w_hh_t.data_ptr<T>(), b_hh, w_tz_t.data_ptr<T>(), b_tz, mask, dt, y, z, ys, zs, hs, qs);
     });
     return;
   }
-  at::Tensor h = at::empty({B, 3 * H}, opt), q = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
+  at::Tensor h_own = at::empty({B, 3 * H}, opt), q_own = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
   const at::Tensor w_hh_t = w_hh.t(), w_tz_t = w_tz.t();
   const at::Tensor zt = at::from_blob(z, {B, H}, opt);
-  T* hp = h.data_ptr<T>(); T* qp = q.data_ptr<T>(); T* ymp = ym.data_ptr<T>();
+  T* ymp = ym.data_ptr<T>();
   for (int64_t i = 0; i < B * H; ++i) ymp[i] = mask ? y[i] * mask[i] : y[i];
   for (int64_t n = 0; n < Tn; ++n) {
     const T* un = u + n * B * 4 * H;
+    T* hp = hs ? hs + n * B * 3 * H : h_own.data_ptr<T>();  // GEMMs write straight into hs, qs
+    T* qp = qs ? qs + n * B * H : q_own.data_ptr<T>();
+    at::Tensor h = at::from_blob(hp, {B, 3 * H}, opt), q = at::from_blob(qp, {B, H}, opt);
     at::addmm_out(h, at::from_blob(const_cast<T*>(b_hh), {3 * H}, opt), ym, w_hh_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) fwd_z(un + b * 4 * H, hp + b * 3 * H, z + b * H, H, dt);
@@ -242,7 +306,7 @@ void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
     });
 }
 
-// a_h: hid2hid(y_{n-1} ⊙ mask) + bias of all steps (T, B, 3H); q_all: Wy z_n + b + Vy u_n (T, B, H).
+// a_h: hid2hid(y_{n-1} ⊙ mask) + bias of all steps (T, B, 3H); q_all: Wy z_n + b (T, B, H), both saved by forward.
 // g_y, g_z (B, H): enter as 0 and dL/dz_T, leave as dL/dy_0, dL/dz_0. Writes dA (T, B, 3H), dQ (T, B, H).
 template <typename T>
 void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y_prev,
@@ -288,7 +352,7 @@ at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) {
   return mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
 }
 
-template <typename T> const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+template <typename T> T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
 void check(const at::Tensor& u_proj, const at::Tensor& y0) {
   TORCH_CHECK(u_proj.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
@@ -298,7 +362,8 @@ void check(const at::Tensor& u_proj, const at::Tensor& y0) {
 
 }  // namespace
 
-// Returns ys (T, B, H) and zs (T, B, H) when keep_z, else only z_T as (1, B, H).
+// Returns ys (T, B, H), zs (T, B, H) and the saved products hs (T, B, 3H), qs (T, B, H) when keep_z,
+// else ys and only z_T as (1, B, H).
 std::vector<at::Tensor> lem_forward(at::Tensor u_proj, at::Tensor y0, at::Tensor z0, at::Tensor w_hh,
                                     at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
                                     c10::optional<at::Tensor> mask_opt, double dt, bool keep_z) {
@@ -310,18 +375,23 @@ std::vector<at::Tensor> lem_forward(at::Tensor u_proj, at::Tensor y0, at::Tensor
   at::Tensor y = y0.contiguous().clone(), z = z0.contiguous().clone();
   at::Tensor ys = at::empty({s.T, s.B, s.H}, y.options());
   at::Tensor zs = keep_z ? at::empty({s.T, s.B, s.H}, y.options()) : at::Tensor();
+  at::Tensor hs = keep_z ? at::empty({s.T, s.B, 3 * s.H}, y.options()) : at::Tensor();
+  at::Tensor qs = keep_z ? at::empty({s.T, s.B, s.H}, y.options()) : at::Tensor();
+  FlushDenormals ftz;
   AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_forward", [&] {
     forward_loop<scalar_t>(s, u_proj.data_ptr<scalar_t>(), w_hh, b_hh.data_ptr<scalar_t>(), w_tz,
                            b_tz.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(mask), static_cast<scalar_t>(dt),
                            y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>(),
-                           keep_z ? zs.data_ptr<scalar_t>() : nullptr, y.options());
+                           ptr_or_null<scalar_t>(zs), ptr_or_null<scalar_t>(hs), ptr_or_null<scalar_t>(qs),
+                           y.options());
   });
-  return {ys, keep_z ? zs : z.unsqueeze(0)};
+  if (keep_z) return {ys, zs, hs, qs};
+  return {ys, z.unsqueeze(0)};
 }
 
 // Returns d u_proj (T, B, 4H), d y0, d z0, d w_hh, d b_hh, d w_tz, d b_tz.
 std::vector<at::Tensor> lem_backward(at::Tensor grad_ys, c10::optional<at::Tensor> grad_zT, at::Tensor u_proj,
-                                     at::Tensor ys, at::Tensor zs, at::Tensor y0, at::Tensor z0, at::Tensor w_hh,
+                                     at::Tensor ys, at::Tensor zs, at::Tensor a_h, at::Tensor q_all, at::Tensor y0, at::Tensor z0, at::Tensor w_hh,
                                      at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
                                      c10::optional<at::Tensor> mask_opt, double dt) {
   check(u_proj, y0);
@@ -332,10 +402,8 @@ std::vector<at::Tensor> lem_backward(at::Tensor grad_ys, c10::optional<at::Tenso
   const at::Tensor y_prev = at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).contiguous();
   const at::Tensor z_prev = at::cat({z0.unsqueeze(0), zs.narrow(0, 0, T - 1)}).contiguous();
   const at::Tensor ym_prev = mask.defined() ? y_prev * mask : y_prev;
-  // the gate pre-activations of all steps, recomputed in bulk
-  const at::Tensor a_h = at::addmm(b_hh, ym_prev.view({T * B, H}), w_hh.t()).view({T, B, 3 * H});
-  const at::Tensor q_all = at::addmm(b_tz, zs.view({T * B, H}), w_tz.t()).view({T, B, H})
-                               .add_(u_proj.narrow(2, 2 * H, H)).contiguous();
+  a_h = a_h.contiguous(); q_all = q_all.contiguous();
+  FlushDenormals ftz;
   at::Tensor g_y = at::zeros({B, H}, y0.options());
   at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->contiguous().clone() : at::zeros({B, H}, y0.options());
   at::Tensor dA = at::empty({T, B, 3 * H}, y0.options()), dQ = at::empty({T, B, H}, y0.options());
