@@ -82,14 +82,14 @@ template <typename F> inline void for_rows(int64_t B, int64_t work_per_row, cons
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { FlushDenormals ftz; f(b0, b1); });
 }
 
-// out[r][j] = bias[j] + sum_k v[r][k] m[k][j] for R rows at once, m (K, N) row-major, bias may be
-// null; tiles of R x 8 outputs stay in registers while the weights stream from L1.
+// out[r][j] = bias[j] + sum_k v[r][k] m[k][j] for R rows at once (row stride of v: ldv, default K),
+// m (K, N) row-major, bias may be null; tiles of R x 8 outputs stay in registers while the weights stream from L1.
 #if defined(__AVX2__) && defined(__FMA__)
 // The float case with explicit AVX2 tiles of R x 16 outputs (2R accumulators); the compiler's
 // own vectorisation of the generic loop below mixed in scalar FMAs and shuffles.
 template <int R>
 inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restrict m, const float* __restrict bias,
-                                float* __restrict out, int64_t K, int64_t N) {
+                                float* __restrict out, int64_t K, int64_t N, int64_t ldv) {
   int64_t j0 = 0;
   for (; j0 + 16 <= N; j0 += 16) {
     __m256 a0[R], a1[R];
@@ -99,7 +99,7 @@ inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restri
     for (int64_t k = 0; k < K; ++k) {
       const __m256 w0 = _mm256_loadu_ps(m + k * N + j0), w1 = _mm256_loadu_ps(m + k * N + j0 + 8);
       for (int r = 0; r < R; ++r) {
-        const __m256 x = _mm256_broadcast_ss(v + r * K + k);
+        const __m256 x = _mm256_broadcast_ss(v + r * ldv + k);
         a0[r] = _mm256_fmadd_ps(x, w0, a0[r]);
         a1[r] = _mm256_fmadd_ps(x, w1, a1[r]);
       }
@@ -115,7 +115,7 @@ inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restri
     for (int r = 0; r < R; ++r) a[r] = b;
     for (int64_t k = 0; k < K; ++k) {
       const __m256 w = _mm256_loadu_ps(m + k * N + j0);
-      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(v + r * K + k), w, a[r]);
+      for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(v + r * ldv + k), w, a[r]);
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * N + j0, a[r]);
   }
@@ -125,11 +125,12 @@ inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restri
 
 template <int R, typename T>
 inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* __restrict bias, T* __restrict out,
-                        int64_t K, int64_t N) {
+                        int64_t K, int64_t N, int64_t ldv = 0) {
+  if (ldv == 0) ldv = K;
   constexpr int W = 8;
   int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (std::is_same_v<T, float>) j0 = rows_vecmat_avx2<R>(v, m, bias, out, K, N);
+  if constexpr (std::is_same_v<T, float>) j0 = rows_vecmat_avx2<R>(v, m, bias, out, K, N, ldv);
 #endif
   for (; j0 + W <= N; j0 += W) {
     T acc[R][W];
@@ -138,7 +139,7 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* _
     for (int64_t k = 0; k < K; ++k) {
       const T* mk = m + k * N + j0;
       for (int r = 0; r < R; ++r) {
-        const T vk = v[r * K + k];
+        const T vk = v[r * ldv + k];
         for (int jj = 0; jj < W; ++jj) acc[r][jj] += vk * mk[jj];
       }
     }
@@ -148,7 +149,7 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* _
   for (; j0 < N; ++j0)
     for (int r = 0; r < R; ++r) {
       T acc = bias ? bias[j0] : T(0);
-      for (int64_t k = 0; k < K; ++k) acc += v[r * K + k] * m[k * N + j0];
+      for (int64_t k = 0; k < K; ++k) acc += v[r * ldv + k] * m[k * N + j0];
       out[r * N + j0] = acc;
     }
 }
@@ -185,14 +186,15 @@ template <typename T> inline void bwd_y(const T* __restrict u, const T* __restri
   }
 }
 
-// g_z: dL/dz_n (in, already including Wy^T dq), becomes dL/dz_{n-1}; writes the z parts of dA.
+// g_z: dL/dz_n (in, already including Wy^T dq), becomes dL/dz_{n-1}; writes the z parts of dA
+// (a row of d u_proj: gate z at H, cand z at 3H).
 template <typename T> inline void bwd_z(const T* __restrict u, const T* __restrict ah, const T* __restrict zprev, T* __restrict g_z, T* __restrict dA, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
     T s = sigmoid(u[H + j] + ah[H + j]);
     T cz = tanh_(u[3 * H + j] + ah[2 * H + j]);
     T g = g_z[j], dtz = dt * s;
     dA[H + j] = g * (cz - zprev[j]) * dt * s * (T(1) - s);
-    dA[2 * H + j] = g * dtz * (T(1) - cz * cz);
+    dA[3 * H + j] = g * dtz * (T(1) - cz * cz);
     g_z[j] = g * (T(1) - dtz);
   }
 }
@@ -278,7 +280,7 @@ void forward_loop(Sizes s, const T* u, const at::Tensor& w_hh, const T* b_hh, co
 
 template <typename T, int HC>
 void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y_prev,
-                   const T* z_prev, const T* whh, const T* wtz, const T* mask, T dt, T* g_y, T* g_z, T* dA, T* dQ) {
+                   const T* z_prev, const T* whh4, const T* wtz, const T* mask, T dt, T* g_y, T* g_z, T* dU) {
   const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H;
     auto rows = [&](auto r_const, int64_t b0) {
       constexpr int R = decltype(r_const)::value;
@@ -291,13 +293,13 @@ void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
         for (int64_t i = 0; i < R * H; ++i) gy[i] += grad_ys[row * H + i] + (mb ? dym[i] * mb[i] : dym[i]);
         for (int r = 0; r < R; ++r)
           bwd_y(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, q_all + (row + r) * H, y_prev + (row + r) * H,
-                gy + r * H, dQ + (row + r) * H, dA + (row + r) * 3 * H, H, dt);
-        rows_vecmat<R>(dQ + row * H, wtz, static_cast<const T*>(nullptr), dzy, H, H);
+                gy + r * H, dU + (row + r) * 4 * H + 2 * H, dU + (row + r) * 4 * H, H, dt);
+        rows_vecmat<R>(dU + row * 4 * H + 2 * H, wtz, static_cast<const T*>(nullptr), dzy, H, H, 4 * H);
         for (int64_t i = 0; i < R * H; ++i) gz[i] += dzy[i];
         for (int r = 0; r < R; ++r)
           bwd_z(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, z_prev + (row + r) * H, gz + r * H,
-                dA + (row + r) * 3 * H, H, dt);
-        rows_vecmat<R>(dA + row * 3 * H, whh, static_cast<const T*>(nullptr), dym, 3 * H, H);
+                dU + (row + r) * 4 * H, H, dt);
+        rows_vecmat<R>(dU + row * 4 * H, whh4, static_cast<const T*>(nullptr), dym, 4 * H, H);
       }
       for (int64_t i = 0; i < R * H; ++i) gy[i] += mb ? dym[i] * mb[i] : dym[i];
     };
@@ -307,16 +309,18 @@ void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
 }
 
 // a_h: hid2hid(y_{n-1} ⊙ mask) + bias of all steps (T, B, 3H); q_all: Wy z_n + b (T, B, H), both saved by forward.
-// g_y, g_z (B, H): enter as 0 and dL/dz_T, leave as dL/dy_0, dL/dz_0. Writes dA (T, B, 3H), dQ (T, B, H).
+// g_y, g_z (B, H): enter as 0 and dL/dz_T, leave as dL/dy_0, dL/dz_0. Writes dU = d u_proj (T, B, 4H).
 template <typename T>
 void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y_prev,
                    const T* z_prev, const at::Tensor& w_hh, const at::Tensor& w_tz, const T* mask, T dt, T* g_y,
-                   T* g_z, T* dA, T* dQ, const at::TensorOptions& opt) {
+                   T* g_z, T* dU, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
   if (H <= kRowwiseMaxH) {
+    // W_hh with a zero block where d u_proj has the cand-y column (dQ), so dU rows go in as they are
+    const at::Tensor w4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
     with_fixed_h(H, [&](auto hc) {
-      backward_rows<T, decltype(hc)::value>(s, grad_ys, u, a_h, q_all, y_prev, z_prev, w_hh.data_ptr<T>(),
-                                            w_tz.data_ptr<T>(), mask, dt, g_y, g_z, dA, dQ);
+      backward_rows<T, decltype(hc)::value>(s, grad_ys, u, a_h, q_all, y_prev, z_prev, w4.data_ptr<T>(),
+                                            w_tz.data_ptr<T>(), mask, dt, g_y, g_z, dU);
     });
     return;
   }
@@ -331,19 +335,21 @@ void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
         const T* dymb = dymp + b * H;
         if (mask) for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + dymb[j] * mask[b * H + j];
         else for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + dymb[j];
-        bwd_y(u + r * 4 * H, a_h + r * 3 * H, q_all + r * H, y_prev + r * H, gy, dQ + r * H, dA + r * 3 * H, H, dt);
+        bwd_y(u + r * 4 * H, a_h + r * 3 * H, q_all + r * H, y_prev + r * H, gy, dU + r * 4 * H + 2 * H, dU + r * 4 * H, H, dt);
       }
     });
-    at::mm_out(dzy, at::from_blob(dQ + r0 * H, {B, H}, opt), w_tz);
+    at::mm_out(dzy, at::from_blob(dU + r0 * 4 * H + 2 * H, {B, H}, {4 * H, 1}, opt), w_tz);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r = r0 + b;
         T* gz = g_z + b * H;
         for (int64_t j = 0; j < H; ++j) gz[j] += dzyp[b * H + j];
-        bwd_z(u + r * 4 * H, a_h + r * 3 * H, z_prev + r * H, gz, dA + r * 3 * H, H, dt);
+        bwd_z(u + r * 4 * H, a_h + r * 3 * H, z_prev + r * H, gz, dU + r * 4 * H, H, dt);
       }
     });
-    at::mm_out(dym, at::from_blob(dA + r0 * 3 * H, {B, 3 * H}, opt), w_hh);
+    // [gate y, gate z] and cand z of this step's d u_proj rows (strided views) into W_hh
+    at::mm_out(dym, at::from_blob(dU + r0 * 4 * H, {B, 2 * H}, {4 * H, 1}, opt), w_hh.narrow(0, 0, 2 * H));
+    dym.addmm_(at::from_blob(dU + r0 * 4 * H + 3 * H, {B, H}, {4 * H, 1}, opt), w_hh.narrow(0, 2 * H, H));
   }
   for (int64_t i = 0; i < B * H; ++i) g_y[i] += mask ? dymp[i] * mask[i] : dymp[i];
 }
@@ -406,19 +412,24 @@ std::vector<at::Tensor> lem_backward(at::Tensor grad_ys, c10::optional<at::Tenso
   FlushDenormals ftz;
   at::Tensor g_y = at::zeros({B, H}, y0.options());
   at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->contiguous().clone() : at::zeros({B, H}, y0.options());
-  at::Tensor dA = at::empty({T, B, 3 * H}, y0.options()), dQ = at::empty({T, B, H}, y0.options());
+  // the loop writes every gradient of u_proj straight into its place: [gate y, gate z, cand y (dQ), cand z]
+  at::Tensor d_u = at::empty({T, B, 4 * H}, y0.options());
   AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_backward", [&] {
     using T_ = scalar_t;
     backward_loop<T_>({T, B, H}, grad_ys.data_ptr<T_>(), u_proj.data_ptr<T_>(), a_h.data_ptr<T_>(),
                       q_all.data_ptr<T_>(), y_prev.data_ptr<T_>(), z_prev.data_ptr<T_>(), w_hh, w_tz,
                       ptr_or_null<T_>(mask), static_cast<T_>(dt), g_y.data_ptr<T_>(), g_z.data_ptr<T_>(),
-                      dA.data_ptr<T_>(), dQ.data_ptr<T_>(), y0.options());
+                      d_u.data_ptr<T_>(), y0.options());
   });
   // weight gradients: one GEMM each over all T·B rows
-  const at::Tensor dA2 = dA.view({T * B, 3 * H}), dQ2 = dQ.view({T * B, H});
-  at::Tensor d_u = at::cat({dA.narrow(2, 0, 2 * H), dQ, dA.narrow(2, 2 * H, H)}, 2);
-  return {d_u, g_y, g_z, at::mm(dA2.t(), ym_prev.view({T * B, H})), dA2.sum(0), at::mm(dQ2.t(), zs.view({T * B, H})),
-          dQ2.sum(0)};
+  const at::Tensor dU2 = d_u.view({T * B, 4 * H}), ym2 = ym_prev.view({T * B, H});
+  const at::Tensor dA_g = dU2.narrow(1, 0, 2 * H), dQ2 = dU2.narrow(1, 2 * H, H), dA_c = dU2.narrow(1, 3 * H, H);
+  at::Tensor d_whh = at::empty({3 * H, H}, y0.options());
+  at::Tensor d_whh_g = d_whh.narrow(0, 0, 2 * H), d_whh_c = d_whh.narrow(0, 2 * H, H);
+  at::mm_out(d_whh_g, dA_g.t(), ym2);
+  at::mm_out(d_whh_c, dA_c.t(), ym2);
+  const at::Tensor d_bhh = at::cat({dA_g.sum(0), dA_c.sum(0)});
+  return {d_u, g_y, g_z, d_whh, d_bhh, at::mm(dQ2.t(), zs.view({T * B, H})), dQ2.sum(0)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
