@@ -279,8 +279,8 @@ void forward_loop(Sizes s, const T* u, const at::Tensor& w_hh, const T* b_hh, co
 }
 
 template <typename T, int HC>
-void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y_prev,
-                   const T* z_prev, const T* whh4, const T* wtz, const T* mask, T dt, T* g_y, T* g_z, T* dU) {
+void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y0, const T* ys,
+                   const T* z0, const T* zs, const T* whh4, const T* wtz, const T* mask, T dt, T* g_y, T* g_z, T* dU) {
   const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H;
     auto rows = [&](auto r_const, int64_t b0) {
       constexpr int R = decltype(r_const)::value;
@@ -290,14 +290,16 @@ void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
       std::fill(dym, dym + R * H, T(0));
       for (int64_t n = Tn - 1; n >= 0; --n) {
         const int64_t row = n * B + b0;  // R consecutive rows of step n
+        const T* yp = (n ? ys + (n - 1) * B * H : y0) + b0 * H;  // y_{n-1}, z_{n-1} of these rows
+        const T* zp = (n ? zs + (n - 1) * B * H : z0) + b0 * H;
         for (int64_t i = 0; i < R * H; ++i) gy[i] += grad_ys[row * H + i] + (mb ? dym[i] * mb[i] : dym[i]);
         for (int r = 0; r < R; ++r)
-          bwd_y(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, q_all + (row + r) * H, y_prev + (row + r) * H,
+          bwd_y(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, q_all + (row + r) * H, yp + r * H,
                 gy + r * H, dU + (row + r) * 4 * H + 2 * H, dU + (row + r) * 4 * H, H, dt);
         rows_vecmat<R>(dU + row * 4 * H + 2 * H, wtz, static_cast<const T*>(nullptr), dzy, H, H, 4 * H);
         for (int64_t i = 0; i < R * H; ++i) gz[i] += dzy[i];
         for (int r = 0; r < R; ++r)
-          bwd_z(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, z_prev + (row + r) * H, gz + r * H,
+          bwd_z(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, zp + r * H, gz + r * H,
                 dU + (row + r) * 4 * H, H, dt);
         rows_vecmat<R>(dU + row * 4 * H, whh4, static_cast<const T*>(nullptr), dym, 4 * H, H);
       }
@@ -311,15 +313,15 @@ void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
 // a_h: hid2hid(y_{n-1} ⊙ mask) + bias of all steps (T, B, 3H); q_all: Wy z_n + b (T, B, H), both saved by forward.
 // g_y, g_z (B, H): enter as 0 and dL/dz_T, leave as dL/dy_0, dL/dz_0. Writes dU = d u_proj (T, B, 4H).
 template <typename T>
-void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y_prev,
-                   const T* z_prev, const at::Tensor& w_hh, const at::Tensor& w_tz, const T* mask, T dt, T* g_y,
+void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y0, const T* ys,
+                   const T* z0, const T* zs, const at::Tensor& w_hh, const at::Tensor& w_tz, const T* mask, T dt, T* g_y,
                    T* g_z, T* dU, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
   if (H <= kRowwiseMaxH) {
     // W_hh with a zero block where d u_proj has the cand-y column (dQ), so dU rows go in as they are
     const at::Tensor w4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
     with_fixed_h(H, [&](auto hc) {
-      backward_rows<T, decltype(hc)::value>(s, grad_ys, u, a_h, q_all, y_prev, z_prev, w4.data_ptr<T>(),
+      backward_rows<T, decltype(hc)::value>(s, grad_ys, u, a_h, q_all, y0, ys, z0, zs, w4.data_ptr<T>(),
                                             w_tz.data_ptr<T>(), mask, dt, g_y, g_z, dU);
     });
     return;
@@ -328,6 +330,8 @@ void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
   T* dzyp = dzy.data_ptr<T>(); T* dymp = dym.data_ptr<T>();
   for (int64_t n = Tn - 1; n >= 0; --n) {
     const int64_t r0 = n * B;
+    const T* yp = n ? ys + (n - 1) * B * H : y0;  // y_{n-1}, z_{n-1}
+    const T* zp = n ? zs + (n - 1) * B * H : z0;
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r = r0 + b;
@@ -335,7 +339,7 @@ void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
         const T* dymb = dymp + b * H;
         if (mask) for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + dymb[j] * mask[b * H + j];
         else for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + dymb[j];
-        bwd_y(u + r * 4 * H, a_h + r * 3 * H, q_all + r * H, y_prev + r * H, gy, dU + r * 4 * H + 2 * H, dU + r * 4 * H, H, dt);
+        bwd_y(u + r * 4 * H, a_h + r * 3 * H, q_all + r * H, yp + b * H, gy, dU + r * 4 * H + 2 * H, dU + r * 4 * H, H, dt);
       }
     });
     at::mm_out(dzy, at::from_blob(dU + r0 * 4 * H + 2 * H, {B, H}, {4 * H, 1}, opt), w_tz);
@@ -344,7 +348,7 @@ void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T*
         const int64_t r = r0 + b;
         T* gz = g_z + b * H;
         for (int64_t j = 0; j < H; ++j) gz[j] += dzyp[b * H + j];
-        bwd_z(u + r * 4 * H, a_h + r * 3 * H, z_prev + r * H, gz, dU + r * 4 * H, H, dt);
+        bwd_z(u + r * 4 * H, a_h + r * 3 * H, zp + b * H, gz, dU + r * 4 * H, H, dt);
       }
     });
     // [gate y, gate z] and cand z of this step's d u_proj rows (strided views) into W_hh
@@ -401,13 +405,11 @@ std::vector<at::Tensor> lem_backward(at::Tensor grad_ys, c10::optional<at::Tenso
                                      at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
                                      c10::optional<at::Tensor> mask_opt, double dt) {
   check(u_proj, y0);
-  u_proj = u_proj.contiguous(); grad_ys = grad_ys.contiguous(); zs = zs.contiguous();
+  u_proj = u_proj.contiguous(); grad_ys = grad_ys.contiguous(); ys = ys.contiguous(); zs = zs.contiguous();
+  y0 = y0.contiguous(); z0 = z0.contiguous();
   w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
   const int64_t T = u_proj.size(0), B = u_proj.size(1), H = y0.size(1);
   const at::Tensor mask = opt_mask(mask_opt);
-  const at::Tensor y_prev = at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).contiguous();
-  const at::Tensor z_prev = at::cat({z0.unsqueeze(0), zs.narrow(0, 0, T - 1)}).contiguous();
-  const at::Tensor ym_prev = mask.defined() ? y_prev * mask : y_prev;
   a_h = a_h.contiguous(); q_all = q_all.contiguous();
   FlushDenormals ftz;
   at::Tensor g_y = at::zeros({B, H}, y0.options());
@@ -417,19 +419,27 @@ std::vector<at::Tensor> lem_backward(at::Tensor grad_ys, c10::optional<at::Tenso
   AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_backward", [&] {
     using T_ = scalar_t;
     backward_loop<T_>({T, B, H}, grad_ys.data_ptr<T_>(), u_proj.data_ptr<T_>(), a_h.data_ptr<T_>(),
-                      q_all.data_ptr<T_>(), y_prev.data_ptr<T_>(), z_prev.data_ptr<T_>(), w_hh, w_tz,
+                      q_all.data_ptr<T_>(), y0.data_ptr<T_>(), ys.data_ptr<T_>(), z0.data_ptr<T_>(),
+                      zs.data_ptr<T_>(), w_hh, w_tz,
                       ptr_or_null<T_>(mask), static_cast<T_>(dt), g_y.data_ptr<T_>(), g_z.data_ptr<T_>(),
                       d_u.data_ptr<T_>(), y0.options());
   });
   // weight gradients: one GEMM each over all T·B rows
-  const at::Tensor dU2 = d_u.view({T * B, 4 * H}), ym2 = ym_prev.view({T * B, H});
+  const at::Tensor dU2 = d_u.view({T * B, 4 * H}), ys2 = ys.view({T * B, H});
   const at::Tensor dA_g = dU2.narrow(1, 0, 2 * H), dQ2 = dU2.narrow(1, 2 * H, H), dA_c = dU2.narrow(1, 3 * H, H);
+  const at::Tensor ym_prev = mask.defined() ? at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).mul_(mask).view({T * B, H})
+                                            : at::Tensor();
+  auto times_ym_prev = [&](at::Tensor out, const at::Tensor& d) {  // out = d^T (y_{n-1} ⊙ mask) over all T·B rows
+    if (ym_prev.defined()) { at::mm_out(out, d.t(), ym_prev); return; }
+    at::mm_out(out, d.narrow(0, 0, B).t(), y0);  // y_{n-1} = y0, then ys shifted by one step: no copy
+    if (T > 1) out.addmm_(d.narrow(0, B, (T - 1) * B).t(), ys2.narrow(0, 0, (T - 1) * B));
+  };
   at::Tensor d_whh = at::empty({3 * H, H}, y0.options());
-  at::Tensor d_whh_g = d_whh.narrow(0, 0, 2 * H), d_whh_c = d_whh.narrow(0, 2 * H, H);
-  at::mm_out(d_whh_g, dA_g.t(), ym2);
-  at::mm_out(d_whh_c, dA_c.t(), ym2);
-  const at::Tensor d_bhh = at::cat({dA_g.sum(0), dA_c.sum(0)});
-  return {d_u, g_y, g_z, d_whh, d_bhh, at::mm(dQ2.t(), zs.view({T * B, H})), dQ2.sum(0)};
+  times_ym_prev(d_whh.narrow(0, 0, 2 * H), dA_g);
+  times_ym_prev(d_whh.narrow(0, 2 * H, H), dA_c);
+  const at::Tensor d_b = dU2.sum(0);  // one pass for both biases: [gate y, gate z | cand y | cand z]
+  const at::Tensor d_bhh = at::cat({d_b.narrow(0, 0, 2 * H), d_b.narrow(0, 3 * H, H)});
+  return {d_u, g_y, g_z, d_whh, d_bhh, at::mm(dQ2.t(), zs.view({T * B, H})), d_b.narrow(0, 2 * H, H).clone()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
