@@ -41,23 +41,23 @@ def _simd_flags():
 
 class FusedLEMCPU(torch.autograd.Function):
     """(u_proj, y0, z0, W_hh, b_hh, W_tz, b_tz, mask) -> (ys, z_T); u_proj = inp2hid(x) of all steps.
-    Forward keeps y_n, z_n only; backward recomputes the gates (see lem_cpu.cpp)."""
+    Forward keeps y_n, z_n and the recurrent products of every step for the backward (see lem_cpu.cpp)."""
 
     @staticmethod
     def forward(ctx, u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
         keep_z = any(ctx.needs_input_grad)
-        ys, zs = load().forward(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep_z)
+        ys, zs, *products = load().forward(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep_z)
         ctx.dt = dt
-        ctx.save_for_backward(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ys, zs)
+        ctx.save_for_backward(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ys, zs, *products)
         return ys, zs[-1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys, grad_zT):
-        u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ys, zs = ctx.saved_tensors
+        u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ys, zs, a_h, q_all = ctx.saved_tensors
         if grad_ys is None:
             grad_ys = torch.zeros_like(ys)
-        grads = load().backward(grad_ys, grad_zT, u_proj, ys, zs, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ctx.dt)
+        grads = load().backward(grad_ys, grad_zT, u_proj, ys, zs, a_h, q_all, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ctx.dt)
         return (*grads, None, None)
 
 
