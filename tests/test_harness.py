@@ -14,7 +14,8 @@ import lem
 from lem import results
 from helpers import REPO, read_run, run_train, train_env
 
-FHN_TINY = ["--n_train", 16, "--n_valid", 8, "--n_test", 8, "--nhid", 8, "--batch", 4]
+# The reference loop keeps these runs slow enough (~1 s an epoch) for a signal to land mid-run.
+FHN_TINY = ["--n_train", 16, "--n_valid", 8, "--n_test", 8, "--nhid", 8, "--batch", 4, "--backend", "reference"]
 
 
 def metrics_only(log):
@@ -84,8 +85,9 @@ def test_sigkill_then_resume_gives_the_same_numbers(tmp_path, data_dir, fhn_refe
     proc = start_train(tmp_path, data_dir)
     wait_for_records(tmp_path / "lem_h8_seed1234" / "log.jsonl", 2, proc)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, "--resume", out_dir=tmp_path, data_dir=data_dir)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after it finished
+    resumed = run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, "--resume", out_dir=tmp_path, data_dir=data_dir)
+    assert "resumed" in resumed.stdout
     summary, _, log = read_run(tmp_path / "lem_h8_seed1234")
     ref_summary, _, ref_log = fhn_reference
     assert metrics_only(log) == metrics_only(ref_log)
