@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import lem
+from lem.data import padded_batch
 from data import load_splits
 
 
@@ -53,8 +54,7 @@ class UEAClassification(lem.Task):
     def logits(self, model, split, idx):
         x, y, lengths = self.splits[split]
         idx = idx.to(self.device)
-        n = int(lengths[idx].max())  # no step past the batch's longest series
-        return model(x[:n, idx], lengths[idx]), y[idx]
+        return model(*padded_batch(x, lengths, idx)), y[idx]
 
     def loss(self, model, idx):
         return F.cross_entropy(*self.logits(model, "train", idx))

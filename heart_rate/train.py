@@ -13,6 +13,7 @@ from pathlib import Path
 import torch.nn.functional as F
 
 import lem
+from lem.data import padded_batch
 from data import load_splits
 from lem.download import DownloadError
 
@@ -53,8 +54,7 @@ class HeartRate(lem.Task):
     def predict(self, model, split, idx):
         x, y, lengths = self.splits[split]
         idx = idx.to(self.device)
-        n = int(lengths[idx].max())  # no step past the batch's longest series
-        return model(x[:n, idx], lengths[idx]).squeeze(-1), y[idx]
+        return model(*padded_batch(x, lengths, idx)).squeeze(-1), y[idx]
 
     def loss(self, model, idx):
         return F.mse_loss(*self.predict(model, "train", idx))

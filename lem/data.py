@@ -55,3 +55,10 @@ def pad_series(series):
         lengths.append(len(s))
     x = torch.nn.utils.rnn.pad_sequence(arrays)  # (T, N, C), zeros after each end
     return x, torch.tensor(lengths)
+
+
+def padded_batch(x, lengths, idx):
+    """Series idx of a zero-padded time-first tensor, cut to the batch's longest one (no step is
+    run on padding only): (x[:n, idx], lengths[idx])."""
+    n = int(lengths[idx].max())
+    return x[:n, idx], lengths[idx]
