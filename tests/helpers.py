@@ -16,12 +16,13 @@ def load_module(relative_path, name=None):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))  # for the module's own sibling imports (from data import ...)
-    sys.modules.pop("data", None)  # another experiment's data.py must not answer for this one's
+    cached = sys.modules.get("data")
+    if cached is not None and Path(getattr(cached, "__file__", "") or "").parent != path.parent:
+        del sys.modules["data"]  # another experiment's data.py must not answer for this one's
     try:
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(path.parent))
-        sys.modules.pop("data", None)
     return module
 
 
