@@ -124,12 +124,12 @@ class LEM(_LEMParameters):
             raise ValueError("LEM expects at least one time step")
         y, z = self._initial_state(state, x.size(1), x)
         y_mask = self.state_dropout_mask(x.size(1), x)
-        u_proj = self.inp2hid(x)  # the input projection of all T steps in one GEMM
         backend = kernels.resolve(self.backend, x.device, self.hidden_size, x.dtype)
         if backend == "reference":
+            u_proj = self.inp2hid(x)  # the input projection of all T steps in one GEMM
             ys, z = self._reference_loop(u_proj, y, z, y_mask)
         else:
-            ys, z = kernels.fused(backend, u_proj, y, z, self.hid2hid, self.transform_z, y_mask, self.dt)
+            ys, z = kernels.fused(backend, x, self.inp2hid, y, z, self.hid2hid, self.transform_z, y_mask, self.dt)
         y = ys[-1]
         if self.batch_first:
             ys = ys.transpose(0, 1)

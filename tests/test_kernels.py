@@ -29,11 +29,16 @@ def assert_matches(backend, T, B, H, I, batch_first=False, with_state=False, sta
     fused = lem.LEM(I, H, dt=dt, batch_first=batch_first, state_dropout=state_dropout, backend=backend)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn((B, T, I) if batch_first else (T, B, I), requires_grad=True)
+    assert kernels.resolve(backend, x.device, H, x.dtype) == backend, "the fused path did not build"
     state = (torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True)) if with_state else None
     names = ["ys", "y_T", "z_T", "x", *(["y0", "z0"] if with_state else []), *(n for n, _ in ref.named_parameters())]
     for name, a, b in zip(names, run(fused, x, state), run(ref, x, state)):
-        err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
-        assert err <= 1e-5, f"{backend}: {name} differs from the reference by {err:.2e} (relative)"
+        assert_close_relative(a, b, f"{backend}: {name}")
+
+
+def assert_close_relative(a, b, name):
+    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+    assert err <= 1e-5, f"{name} differs from the reference by {err:.2e} (relative to its largest entry)"
 
 
 @pytest.mark.parametrize("T, B, H, I, batch_first, with_state, state_dropout", [
@@ -58,6 +63,32 @@ def test_fused_cpu_float64_and_eval_mode():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with torch.no_grad():  # the inference path keeps no per-step z
         torch.testing.assert_close(fused(x)[1][1], ref(x)[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_fused_cpu_large_buffers_are_reused_safely():
+    """Buffers over 1 MB come from the extension's cache: a second call must not write into the
+    outputs of the first one still held, and partial losses (only z_T; x without grad) must match."""
+    torch.manual_seed(0)
+    ref = lem.LEM(3, 70, dt=0.4, backend="reference")
+    fused = lem.LEM(3, 70, dt=0.4, backend="cpp")
+    fused.load_state_dict(ref.state_dict())
+    x1, x2 = torch.randn(201, 20, 3), torch.randn(201, 20, 3)  # T odd: z_T of the inference path
+    first = fused(x1)[0]
+    kept = first.detach().clone()
+    second = fused(x2)[0]
+    second.sum().backward()
+    assert torch.equal(first.detach(), kept)
+    assert_close_relative(second, ref(x2)[0], "ys")
+    for layer in (fused, ref):
+        layer.zero_grad()
+        layer(x2)[1][1].sum().backward()  # only z_T: no gradient reaches ys
+    for (name, a), b in zip(fused.named_parameters(), ref.parameters()):
+        assert_close_relative(a.grad, b.grad, name)
+    with torch.no_grad():
+        for T in (200, 201):
+            assert_close_relative(fused(x1[:T])[1][1], ref(x1[:T])[1][1], f"z_T, T = {T}")
+    cpu.empty_cache()
+    torch.testing.assert_close(fused(x1)[0], first, rtol=0, atol=0)
 
 
 def test_auto_uses_the_fused_cpu_path():

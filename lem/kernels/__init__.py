@@ -67,11 +67,11 @@ def gpu_max_h():
     return MAX_H
 
 
-def fused(name, u_proj, y0, z0, hid2hid, transform_z, mask, dt):
-    """ys (T, B, H), z_T of the fused backend `name` (already resolved)."""
-    args = (u_proj, y0, z0, hid2hid.weight, hid2hid.bias, transform_z.weight, transform_z.bias, mask, dt)
+def fused(name, x, inp2hid, y0, z0, hid2hid, transform_z, mask, dt):
+    """ys (T, B, H), z_T of the fused backend `name` (already resolved) for x (T, B, I)."""
+    args = (y0, z0, hid2hid.weight, hid2hid.bias, transform_z.weight, transform_z.bias, mask, dt)
     if name == "cpp":
         from .cpu import lem_cpu
-        return lem_cpu(*args)
+        return lem_cpu(x, inp2hid.weight, inp2hid.bias, *args)  # it does the input projection itself
     from .gpu import lem_triton
-    return lem_triton(*args)
+    return lem_triton(inp2hid(x), *args)

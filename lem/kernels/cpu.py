@@ -31,35 +31,46 @@ def load():
 
 
 def _simd_flags():
-    """AVX2/FMA when this CPU has them (the build is cached per machine)."""
+    """The vector units this CPU has (the build is cached per machine, and the flags are part of its
+    name): AVX2/FMA, and 512-bit vectors for the elementwise loops where AVX-512 is there."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return []
-    return ["-mavx2", "-mfma"] if "avx2" in flags and "fma" in flags else []
+    if not {"avx2", "fma"} <= flags:
+        return []
+    if {"avx512f", "avx512vl", "avx512dq", "avx512bw"} <= flags:
+        return ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw", "-mprefer-vector-width=512"]
+    return ["-mavx2", "-mfma"]
 
 
 class FusedLEMCPU(torch.autograd.Function):
-    """(u_proj, y0, z0, W_hh, b_hh, W_tz, b_tz, mask) -> (ys, z_T); u_proj = inp2hid(x) of all steps.
-    Forward keeps y_n, z_n and the recurrent products of every step for the backward (see lem_cpu.cpp)."""
+    """(x, W_in, b_in, y0, z0, W_hh, b_hh, W_tz, b_tz, mask) -> (ys, z_T): the whole layer, input
+    projection included. Forward keeps y_n, z_n and the four gate/candidate activations of every step
+    for the backward (see lem_cpu.cpp); the input projection itself is not kept."""
 
     @staticmethod
-    def forward(ctx, u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-        keep_z = any(ctx.needs_input_grad)
-        ys, zs, *products = load().forward(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep_z)
+    def forward(ctx, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
+        keep = any(ctx.needs_input_grad)
+        ys, zs, *acts = load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep)
         ctx.dt = dt
-        ctx.save_for_backward(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ys, zs, *products)
+        ctx.save_for_backward(x, w_in, y0, z0, w_hh, w_tz, mask, ys, zs, *acts)
         return ys, zs[-1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys, grad_zT):
-        u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ys, zs, a_h, q_all = ctx.saved_tensors
-        if grad_ys is None:
-            grad_ys = torch.zeros_like(ys)
-        grads = load().backward(grad_ys, grad_zT, u_proj, ys, zs, a_h, q_all, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ctx.dt)
+        x, w_in, y0, z0, w_hh, w_tz, mask, ys, zs, acts = ctx.saved_tensors
+        grads = load().backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, ctx.dt,
+                                ctx.needs_input_grad[0])
         return (*grads, None, None)
 
 
-def lem_cpu(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-    return FusedLEMCPU.apply(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt)
+def lem_cpu(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
+    return FusedLEMCPU.apply(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt)
+
+
+def empty_cache():
+    """Frees the large buffers the fused CPU path keeps for reuse (see LargeBuffers in lem_cpu.cpp)."""
+    if _module is not None:
+        _module.empty_cache()

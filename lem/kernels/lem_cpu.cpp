@@ -1,17 +1,18 @@
-// Fused CPU LEM (SPEC §1): the whole time loop of forward and backward in one C++ call.
+// Fused CPU LEM (SPEC §1): the whole layer, forward and backward, in one C++ call each.
 //
-// The input projection of all T steps comes in precomputed (one GEMM, u_proj). Per step only the
-// two recurrent products (y_{n-1} into hid2hid, z_n into transform_z) remain; the elementwise work
-// of a step is one plain loop per half-step. Two strategies for those products:
+// The input projection x W_in^T of all T steps is one GEMM before the loop. Per step only the two
+// recurrent products (y_{n-1} into hid2hid, z_n into transform_z) remain; the elementwise work of a
+// step is one plain loop per half-step. Two strategies for those products:
 //   - small H: batch rows are independent over the whole sequence, so each thread takes some rows
 //     and runs all T steps for them with hand-written mat-vecs (weights stay in L1/L2, no
 //     per-step synchronisation or library call);
 //   - larger H: one ATen GEMM per product and step over the whole batch.
-// Forward also keeps the recurrent products of every step (they are written straight into the saved
-// buffers), so backward runs only the reverse loop and then forms the weight gradients as two GEMMs
-// over T·B rows.
+// Forward keeps, per step, y_n, z_n and the four activations (two gates, two candidates), so backward
+// computes no exp/tanh and no recurrent product of the forward again: it runs only the reverse loop
+// (one product back through transform_z and one through hid2hid per step) and then forms the weight
+// gradients as GEMMs over all T·B rows. The bias gradients are summed inside the loop.
 //
-// Layouts (chunks of H): u_proj (T, B, 4H) = [gate y, gate z, cand y, cand z] of inp2hid;
+// Layouts (chunks of H): inp2hid (4H) and the saved activations = [gate y, gate z, cand y, cand z];
 // hid2hid (3H) = [gate y, gate z, cand z]; transform_z (H) = cand y.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,10 +21,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <list>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 #if defined(__SSE2__)
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 namespace {
@@ -41,6 +47,78 @@ struct FlushDenormals {
   ~FlushDenormals() { _mm_setcsr(csr); }
 #endif
 };
+
+// ---- a cache of the large (T, B, ·) buffers ----
+// A training loop asks for the same large sizes in every iteration, and fresh memory from the kernel
+// costs a page fault and a page clear per page: at sMNIST size (T 784, B 128, H 128) that was about a
+// third of a forward+backward. Like PyTorch's CUDA caching allocator, buffers freed by their tensors
+// wait here for the next request of the same size (least recently freed ones go first beyond
+// kCacheBytes; cpu.empty_cache() hands all back). New blocks are 2 MiB aligned and backed by
+// transparent huge pages where Linux offers them (one fault per 2 MiB instead of per 4 KiB).
+class LargeBuffers {
+ public:
+  static constexpr size_t kMinBytes = size_t(1) << 20, kCacheBytes = size_t(2) << 30, kHuge = size_t(2) << 20;
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+    const size_t nbytes = c10::multiply_integers(sizes) * opt.dtype().itemsize();
+    if (nbytes < kMinBytes) return at::empty(sizes, opt);  // small ones: malloc reuses its heap anyway
+    void* p = take(nbytes);
+    if (!p) p = fresh(nbytes);
+    return at::from_blob(p, sizes, [this, nbytes](void* q) { give(q, nbytes); }, opt);
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& block : free_) std::free(block.second);
+    free_.clear();
+    cached_ = 0;
+  }
+
+ private:
+  void* take(size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->first != nbytes) continue;
+      void* p = it->second;
+      free_.erase(it);
+      cached_ -= nbytes;
+      return p;
+    }
+    return nullptr;
+  }
+
+  void give(void* p, size_t nbytes) {  // the deleter of the tensors from empty(); any thread
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.emplace_front(nbytes, p);
+    cached_ += nbytes;
+    while (cached_ > kCacheBytes) {
+      cached_ -= free_.back().first;
+      std::free(free_.back().second);
+      free_.pop_back();
+    }
+  }
+
+  static void* fresh(size_t nbytes) {
+    const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kHuge, rounded) == 0, "lem_cpu: out of memory allocating ", nbytes, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, rounded, MADV_HUGEPAGE);  // a hint: failure is harmless
+#endif
+    return p;
+  }
+
+  std::mutex mu_;
+  std::list<std::pair<size_t, void*>> free_;  // most recently freed first
+  size_t cached_ = 0;
+};
+
+LargeBuffers& large_buffers() {
+  static auto* buffers = new LargeBuffers;  // never destroyed: tensors may outlive static destruction
+  return *buffers;
+}
+
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opt) { return large_buffers().empty(sizes, opt); }
 
 // exp for float as plain arithmetic (Cephes' polynomial, ~2 ulp), so the elementwise loops
 // vectorise; double keeps the libm functions.
@@ -154,52 +232,73 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* _
     }
 }
 
-// ---- the elementwise half-steps of one batch row (u: 4H, h: 3H hidden part incl. bias) ----
-template <typename T> inline void fwd_z(const T* __restrict u, const T* __restrict h, T* __restrict z, int64_t H, T dt) {
+// ---- the elementwise half-steps of one batch row ----
+// u: the row's 4H of x W_in^T; h: its y_{n-1} ⊙ mask times W_hh^T (3H); bias: all biases summed in
+// the chunk order of u_proj (4H, SPEC §1: both linears' biases add up); act: the row's 4H saved
+// activations [σ gate y, σ gate z, tanh cand y, tanh cand z], the same order.
+// Backward needs only these four values per unit, so it does no exp/tanh of its own.
+template <typename T>
+inline void fwd_z(const T* __restrict u, const T* __restrict h, const T* __restrict bias, const T* __restrict zp,
+                  T* __restrict z, T* __restrict act, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {  // z_n = (1 − Δt_n) z_{n-1} + Δt_n tanh(Wz y + Vz u + bz)
-    T dtz = dt * sigmoid(u[H + j] + h[H + j]);
-    T cz = tanh_(u[3 * H + j] + h[2 * H + j]);
-    z[j] = (T(1) - dtz) * z[j] + dtz * cz;
+    const T s = sigmoid(u[H + j] + h[H + j] + bias[H + j]);
+    const T c = tanh_(u[3 * H + j] + h[2 * H + j] + bias[3 * H + j]);
+    z[j] = (T(1) - dt * s) * zp[j] + dt * s * c;
+    act[H + j] = s;
+    act[3 * H + j] = c;
   }
 }
 
-template <typename T> inline void fwd_y(const T* __restrict u, const T* __restrict h, const T* __restrict q, T* __restrict y, T* __restrict ym, const T* __restrict mask, int64_t H, T dt) {
-  for (int64_t j = 0; j < H; ++j) {  // y_n = (1 − Δt̄_n) y_{n-1} + Δt̄_n tanh(Wy z_n + Vy u + by); q = Wy z_n + b
-    T dty = dt * sigmoid(u[j] + h[j]);
-    T cy = tanh_(q[j] + u[2 * H + j]);
-    y[j] = (T(1) - dty) * y[j] + dty * cy;
+// q: the row's z_n times W_tz^T (H)
+template <typename T>
+inline void fwd_y(const T* __restrict u, const T* __restrict h, const T* __restrict bias, const T* __restrict q,
+                  const T* __restrict yp, T* __restrict y, T* __restrict act, int64_t H, T dt) {
+  for (int64_t j = 0; j < H; ++j) {  // y_n = (1 − Δt̄_n) y_{n-1} + Δt̄_n tanh(Wy z_n + Vy u + by)
+    const T s = sigmoid(u[j] + h[j] + bias[j]);
+    const T c = tanh_(u[2 * H + j] + q[j] + bias[2 * H + j]);
+    y[j] = (T(1) - dt * s) * yp[j] + dt * s * c;
+    act[j] = s;
+    act[2 * H + j] = c;
   }
-  if (mask) for (int64_t j = 0; j < H; ++j) ym[j] = y[j] * mask[j];
-  else std::memcpy(ym, y, H * sizeof(T));
 }
 
-// g_y: dL/dy_n (in), becomes the leak part of dL/dy_{n-1}; writes dq (H) and da_gate_y (first H of dA).
-template <typename T> inline void bwd_y(const T* __restrict u, const T* __restrict ah, const T* __restrict q, const T* __restrict yprev, T* __restrict g_y, T* __restrict dq, T* __restrict dA,
-                                        int64_t H, T dt) {
+// g_y: dL/dy_n (in), becomes the leak part of dL/dy_{n-1}; writes the y parts of the row's d u_proj
+// (gate y at 0, cand y at 2H, which is also d transform_z-output).
+template <typename T>
+inline void bwd_y(const T* __restrict act, const T* __restrict yp, T* __restrict g_y, T* __restrict dU, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
-    T s = sigmoid(u[j] + ah[j]);
-    T cy = tanh_(q[j] + u[2 * H + j]);
-    T g = g_y[j], dty = dt * s;
-    dq[j] = g * dty * (T(1) - cy * cy);
-    dA[j] = g * (cy - yprev[j]) * dt * s * (T(1) - s);
-    g_y[j] = g * (T(1) - dty);
+    const T s = act[j], c = act[2 * H + j], g = g_y[j];
+    dU[j] = g * (c - yp[j]) * dt * s * (T(1) - s);
+    dU[2 * H + j] = g * dt * s * (T(1) - c * c);
+    g_y[j] = g * (T(1) - dt * s);
   }
 }
 
-// g_z: dL/dz_n (in, already including Wy^T dq), becomes dL/dz_{n-1}; writes the z parts of dA
-// (a row of d u_proj: gate z at H, cand z at 3H).
-template <typename T> inline void bwd_z(const T* __restrict u, const T* __restrict ah, const T* __restrict zprev, T* __restrict g_z, T* __restrict dA, int64_t H, T dt) {
+// g_z: dL/dz_n (in, already including Wy^T dq), becomes dL/dz_{n-1}; writes the z parts (gate z at H,
+// cand z at 3H).
+template <typename T>
+inline void bwd_z(const T* __restrict act, const T* __restrict zp, T* __restrict g_z, T* __restrict dU, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
-    T s = sigmoid(u[H + j] + ah[H + j]);
-    T cz = tanh_(u[3 * H + j] + ah[2 * H + j]);
-    T g = g_z[j], dtz = dt * s;
-    dA[H + j] = g * (cz - zprev[j]) * dt * s * (T(1) - s);
-    dA[3 * H + j] = g * dtz * (T(1) - cz * cz);
-    g_z[j] = g * (T(1) - dtz);
+    const T s = act[H + j], c = act[3 * H + j], g = g_z[j];
+    dU[H + j] = g * (c - zp[j]) * dt * s * (T(1) - s);
+    dU[3 * H + j] = g * dt * s * (T(1) - c * c);
+    g_z[j] = g * (T(1) - dt * s);
   }
+}
+
+template <typename T> inline void times_mask(const T* __restrict v, const T* __restrict mask, T* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = v[i] * mask[i];
 }
 
 struct Sizes { int64_t T, B, H; };
+
+// The forward's pointers. ys, zs (T, B, H) and acts (T, B, 4H) are written step by step; without
+// a backward to feed, zs and acts are null and z alternates between the two (B, H) halves of z_tmp.
+template <typename T> struct Forward {
+  const T *u, *y0, *z0, *bias, *mask;
+  T dt;
+  T *ys, *zs, *acts, *z_tmp;
+};
 
 // f(std::integral_constant<int, HC>) with HC = H for the sizes of the paper's small models, else 0.
 template <typename F> inline void with_fixed_h(int64_t H, const F& f) {
@@ -213,149 +312,150 @@ template <typename F> inline void with_fixed_h(int64_t H, const F& f) {
 
 // The per-row strategy (H <= kRowwiseMaxH). HC > 0 fixes H at compile time: with known trip
 // counts the tiny inner loops unroll and vectorise fully (3x faster at H = 16); HC = 0 is any H.
+// whh_t (H, 3H) and wtz_t (H, H) are the transposed weights.
 template <typename T, int HC>
-void forward_rows(Sizes s, const T* u, const T* whh, const T* b_hh, const T* wtz, const T* b_tz, const T* mask, T dt,
-                  T* y, T* z, T* ys, T* zs, T* hs, T* qs) {
+void forward_rows(Sizes s, const Forward<T>& f, const T* whh_t, const T* wtz_t) {
   const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H;
-    // rows b0..b0+R-1 over all T steps; y, z of those rows are contiguous in the (B, H) state
-    auto rows = [&](auto r_const, int64_t b0) {
-      constexpr int R = decltype(r_const)::value;
-      T h_own[R * 3 * kRowwiseMaxH], q_own[R * kRowwiseMaxH], ym[R * kRowwiseMaxH];
-      T* yb = y + b0 * H; T* zb = z + b0 * H;
-      const T* mb = mask ? mask + b0 * H : nullptr;
-      for (int64_t i = 0; i < R * H; ++i) ym[i] = mb ? yb[i] * mb[i] : yb[i];
-      for (int64_t n = 0; n < Tn; ++n) {
-        const int64_t row = n * B + b0;
-        T* h = hs ? hs + row * 3 * H : h_own;  // the R rows of step n are contiguous in hs, qs
-        T* q = qs ? qs + row * H : q_own;
-        rows_vecmat<R>(ym, whh, b_hh, h, H, 3 * H);
-        for (int r = 0; r < R; ++r) fwd_z(u + (row + r) * 4 * H, h + r * 3 * H, zb + r * H, H, dt);
-        rows_vecmat<R>(zb, wtz, b_tz, q, H, H);
-        for (int r = 0; r < R; ++r)
-          fwd_y(u + (row + r) * 4 * H, h + r * 3 * H, q + r * H, yb + r * H, ym + r * H, mb ? mb + r * H : nullptr, H, dt);
-        std::memcpy(ys + row * H, yb, R * H * sizeof(T));
-        if (zs) std::memcpy(zs + row * H, zb, R * H * sizeof(T));
-      }
-    };
-    for_row_blocks(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
-      if (full) rows(std::integral_constant<int, kRowBlock>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
-    });
+  // rows b0..b0+R-1 over all T steps; the R rows of one step are contiguous in every (T, B, ·) buffer
+  auto rows = [&](auto r_const, int64_t b0) {
+    constexpr int R = decltype(r_const)::value;
+    T h[R * 3 * kRowwiseMaxH], q[R * kRowwiseMaxH], ym[R * kRowwiseMaxH], a_own[R * 4 * kRowwiseMaxH], z_own[2][R * kRowwiseMaxH];
+    const T* mb = f.mask ? f.mask + b0 * H : nullptr;
+    const T* yp = f.y0 + b0 * H;
+    const T* zp = f.z0 + b0 * H;
+    for (int64_t n = 0; n < Tn; ++n) {
+      const int64_t row = n * B + b0;
+      const T* u = f.u + row * 4 * H;
+      T* y = f.ys + row * H;
+      T* z = f.zs ? f.zs + row * H : z_own[n & 1];
+      T* a = f.acts ? f.acts + row * 4 * H : a_own;
+      if (mb) times_mask(yp, mb, ym, R * H);
+      rows_vecmat<R>(mb ? ym : yp, whh_t, static_cast<const T*>(nullptr), h, H, 3 * H);
+      for (int r = 0; r < R; ++r) fwd_z(u + r * 4 * H, h + r * 3 * H, f.bias, zp + r * H, z + r * H, a + r * 4 * H, H, f.dt);
+      rows_vecmat<R>(z, wtz_t, static_cast<const T*>(nullptr), q, H, H);
+      for (int r = 0; r < R; ++r)
+        fwd_y(u + r * 4 * H, h + r * 3 * H, f.bias, q + r * H, yp + r * H, y + r * H, a + r * 4 * H, H, f.dt);
+      yp = y;
+      zp = z;
+    }
+    if (!f.zs) std::memcpy(f.z_tmp + b0 * H, zp, R * H * sizeof(T));  // z_T of these rows
+  };
+  for_row_blocks(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
+    if (full) rows(std::integral_constant<int, kRowBlock>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
+  });
 }
 
-// y, z: (B, H) states in/out; ys (T, B, H); zs (T, B, H) or null.
+// The per-step GEMM strategy (H > kRowwiseMaxH): the GEMMs write into (B, ·) scratch that stays in cache.
 template <typename T>
-void forward_loop(Sizes s, const T* u, const at::Tensor& w_hh, const T* b_hh, const at::Tensor& w_tz, const T* b_tz,
-                  const T* mask, T dt, T* y, T* z, T* ys, T* zs, T* hs, T* qs, const at::TensorOptions& opt) {
+void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
-  if (H <= kRowwiseMaxH) {
-    const at::Tensor w_hh_t = w_hh.t().contiguous(), w_tz_t = w_tz.t().contiguous();
-    with_fixed_h(H, [&](auto hc) {
-      forward_rows<T, decltype(hc)::value>(s, u, w_hh_t.data_ptr<T>(), b_hh, w_tz_t.data_ptr<T>(), b_tz, mask, dt, y, z, ys, zs, hs, qs);
-    });
-    return;
-  }
-  at::Tensor h_own = at::empty({B, 3 * H}, opt), q_own = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
+  at::Tensor h = at::empty({B, 3 * H}, opt), q = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
+  at::Tensor a_own = f.acts ? at::Tensor() : at::empty({B, 4 * H}, opt);
   const at::Tensor w_hh_t = w_hh.t(), w_tz_t = w_tz.t();
-  const at::Tensor zt = at::from_blob(z, {B, H}, opt);
-  T* ymp = ym.data_ptr<T>();
-  for (int64_t i = 0; i < B * H; ++i) ymp[i] = mask ? y[i] * mask[i] : y[i];
+  T *hp = h.data_ptr<T>(), *qp = q.data_ptr<T>(), *ymp = ym.data_ptr<T>();
+  const T* yp = f.y0;
+  const T* zp = f.z0;
+  if (f.mask) times_mask(yp, f.mask, ymp, B * H);
   for (int64_t n = 0; n < Tn; ++n) {
-    const T* un = u + n * B * 4 * H;
-    T* hp = hs ? hs + n * B * 3 * H : h_own.data_ptr<T>();  // GEMMs write straight into hs, qs
-    T* qp = qs ? qs + n * B * H : q_own.data_ptr<T>();
-    at::Tensor h = at::from_blob(hp, {B, 3 * H}, opt), q = at::from_blob(qp, {B, H}, opt);
-    at::addmm_out(h, at::from_blob(const_cast<T*>(b_hh), {3 * H}, opt), ym, w_hh_t);
+    const T* u = f.u + n * B * 4 * H;
+    T* y = f.ys + n * B * H;
+    T* z = f.zs ? f.zs + n * B * H : f.z_tmp + (n & 1) * B * H;
+    T* a = f.acts ? f.acts + n * B * 4 * H : a_own.data_ptr<T>();
+    at::mm_out(h, at::from_blob(const_cast<T*>(f.mask ? ymp : yp), {B, H}, opt), w_hh_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) fwd_z(un + b * 4 * H, hp + b * 3 * H, z + b * H, H, dt);
+      for (int64_t b = b0; b < b1; ++b) fwd_z(u + b * 4 * H, hp + b * 3 * H, f.bias, zp + b * H, z + b * H, a + b * 4 * H, H, f.dt);
     });
-    at::addmm_out(q, at::from_blob(const_cast<T*>(b_tz), {H}, opt), zt, w_tz_t);
+    at::mm_out(q, at::from_blob(z, {B, H}, opt), w_tz_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        fwd_y(un + b * 4 * H, hp + b * 3 * H, qp + b * H, y + b * H, ymp + b * H, mask ? mask + b * H : nullptr, H, dt);
-    });
-    std::memcpy(ys + n * B * H, y, B * H * sizeof(T));
-    if (zs) std::memcpy(zs + n * B * H, z, B * H * sizeof(T));
-  }
-}
-
-template <typename T, int HC>
-void backward_rows(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y0, const T* ys,
-                   const T* z0, const T* zs, const T* whh4, const T* wtz, const T* mask, T dt, T* g_y, T* g_z, T* dU) {
-  const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H;
-    auto rows = [&](auto r_const, int64_t b0) {
-      constexpr int R = decltype(r_const)::value;
-      T dzy[R * kRowwiseMaxH], dym[R * kRowwiseMaxH];
-      T* gy = g_y + b0 * H; T* gz = g_z + b0 * H;
-      const T* mb = mask ? mask + b0 * H : nullptr;
-      std::fill(dym, dym + R * H, T(0));
-      for (int64_t n = Tn - 1; n >= 0; --n) {
-        const int64_t row = n * B + b0;  // R consecutive rows of step n
-        const T* yp = (n ? ys + (n - 1) * B * H : y0) + b0 * H;  // y_{n-1}, z_{n-1} of these rows
-        const T* zp = (n ? zs + (n - 1) * B * H : z0) + b0 * H;
-        for (int64_t i = 0; i < R * H; ++i) gy[i] += grad_ys[row * H + i] + (mb ? dym[i] * mb[i] : dym[i]);
-        for (int r = 0; r < R; ++r)
-          bwd_y(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, q_all + (row + r) * H, yp + r * H,
-                gy + r * H, dU + (row + r) * 4 * H + 2 * H, dU + (row + r) * 4 * H, H, dt);
-        rows_vecmat<R>(dU + row * 4 * H + 2 * H, wtz, static_cast<const T*>(nullptr), dzy, H, H, 4 * H);
-        for (int64_t i = 0; i < R * H; ++i) gz[i] += dzy[i];
-        for (int r = 0; r < R; ++r)
-          bwd_z(u + (row + r) * 4 * H, a_h + (row + r) * 3 * H, zp + r * H, gz + r * H,
-                dU + (row + r) * 4 * H, H, dt);
-        rows_vecmat<R>(dU + row * 4 * H, whh4, static_cast<const T*>(nullptr), dym, 4 * H, H);
+      for (int64_t b = b0; b < b1; ++b) {
+        fwd_y(u + b * 4 * H, hp + b * 3 * H, f.bias, qp + b * H, yp + b * H, y + b * H, a + b * 4 * H, H, f.dt);
+        if (f.mask) times_mask(y + b * H, f.mask + b * H, ymp + b * H, H);  // the next step's GEMM input
       }
-      for (int64_t i = 0; i < R * H; ++i) gy[i] += mb ? dym[i] * mb[i] : dym[i];
-    };
-    for_row_blocks(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
-      if (full) rows(std::integral_constant<int, kRowBlock>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
     });
+    yp = y;
+    zp = z;
+  }
 }
 
-// a_h: hid2hid(y_{n-1} ⊙ mask) + bias of all steps (T, B, 3H); q_all: Wy z_n + b (T, B, H), both saved by forward.
-// g_y, g_z (B, H): enter as 0 and dL/dz_T, leave as dL/dy_0, dL/dz_0. Writes dU = d u_proj (T, B, 4H).
+// The backward's pointers. g_y, g_z (B, H) enter as 0 and dL/dz_T and leave as dL/dy_0, dL/dz_0;
+// dU = d u_proj (T, B, 4H) is written row by row, and its rows are summed over T into db (B, 4H) while
+// they are in cache (the bias gradients are the column sums of dU).
+template <typename T> struct Backward {
+  const T *grad_ys, *acts, *y0, *ys, *z0, *zs, *mask;
+  T dt;
+  T *g_y, *g_z, *dU, *db;
+};
+
+template <typename T> inline void add_to(T* __restrict acc, const T* __restrict v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += v[i];
+}
+
+// whh4 (4H, H): W_hh with a zero block where a d u_proj row has its cand-y column, so dU rows go in as they are
+template <typename T, int HC>
+void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
+  const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H;
+  auto rows = [&](auto r_const, int64_t b0) {
+    constexpr int R = decltype(r_const)::value;
+    T dzy[R * kRowwiseMaxH], dym[R * kRowwiseMaxH];
+    T* gy = g.g_y + b0 * H;
+    T* gz = g.g_z + b0 * H;
+    const T* mb = g.mask ? g.mask + b0 * H : nullptr;
+    std::fill(dym, dym + R * H, T(0));
+    for (int64_t n = Tn - 1; n >= 0; --n) {
+      const int64_t row = n * B + b0;  // R consecutive rows of step n
+      const T* yp = (n ? g.ys + (n - 1) * B * H : g.y0) + b0 * H;  // y_{n-1}, z_{n-1} of these rows
+      const T* zp = (n ? g.zs + (n - 1) * B * H : g.z0) + b0 * H;
+      const T* a = g.acts + row * 4 * H;
+      T* dU = g.dU + row * 4 * H;
+      for (int64_t i = 0; i < R * H; ++i) gy[i] += g.grad_ys[row * H + i] + (mb ? dym[i] * mb[i] : dym[i]);
+      for (int r = 0; r < R; ++r) bwd_y(a + r * 4 * H, yp + r * H, gy + r * H, dU + r * 4 * H, H, g.dt);
+      rows_vecmat<R>(dU + 2 * H, wtz, static_cast<const T*>(nullptr), dzy, H, H, 4 * H);
+      for (int64_t i = 0; i < R * H; ++i) gz[i] += dzy[i];
+      for (int r = 0; r < R; ++r) bwd_z(a + r * 4 * H, zp + r * H, gz + r * H, dU + r * 4 * H, H, g.dt);
+      add_to(g.db + b0 * 4 * H, dU, R * 4 * H);
+      rows_vecmat<R>(dU, whh4, static_cast<const T*>(nullptr), dym, 4 * H, H);
+    }
+    for (int64_t i = 0; i < R * H; ++i) gy[i] += mb ? dym[i] * mb[i] : dym[i];
+  };
+  for_row_blocks(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
+    if (full) rows(std::integral_constant<int, kRowBlock>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
+  });
+}
+
 template <typename T>
-void backward_loop(Sizes s, const T* grad_ys, const T* u, const T* a_h, const T* q_all, const T* y0, const T* ys,
-                   const T* z0, const T* zs, const at::Tensor& w_hh, const at::Tensor& w_tz, const T* mask, T dt, T* g_y,
-                   T* g_z, T* dU, const at::TensorOptions& opt) {
+void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
-  if (H <= kRowwiseMaxH) {
-    // W_hh with a zero block where d u_proj has the cand-y column (dQ), so dU rows go in as they are
-    const at::Tensor w4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
-    with_fixed_h(H, [&](auto hc) {
-      backward_rows<T, decltype(hc)::value>(s, grad_ys, u, a_h, q_all, y0, ys, z0, zs, w4.data_ptr<T>(),
-                                            w_tz.data_ptr<T>(), mask, dt, g_y, g_z, dU);
-    });
-    return;
-  }
   at::Tensor dzy = at::empty({B, H}, opt), dym = at::zeros({B, H}, opt);
-  T* dzyp = dzy.data_ptr<T>(); T* dymp = dym.data_ptr<T>();
+  T *dzyp = dzy.data_ptr<T>(), *dymp = dym.data_ptr<T>();
   for (int64_t n = Tn - 1; n >= 0; --n) {
     const int64_t r0 = n * B;
-    const T* yp = n ? ys + (n - 1) * B * H : y0;  // y_{n-1}, z_{n-1}
-    const T* zp = n ? zs + (n - 1) * B * H : z0;
+    const T* yp = n ? g.ys + (n - 1) * B * H : g.y0;  // y_{n-1}, z_{n-1}
+    const T* zp = n ? g.zs + (n - 1) * B * H : g.z0;
+    T* dU = g.dU + r0 * 4 * H;
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r = r0 + b;
-        T* gy = g_y + b * H;
+        T* gy = g.g_y + b * H;
+        const T* grad = g.grad_ys + (r0 + b) * H;
         const T* dymb = dymp + b * H;
-        if (mask) for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + dymb[j] * mask[b * H + j];
-        else for (int64_t j = 0; j < H; ++j) gy[j] += grad_ys[r * H + j] + dymb[j];
-        bwd_y(u + r * 4 * H, a_h + r * 3 * H, q_all + r * H, yp + b * H, gy, dU + r * 4 * H + 2 * H, dU + r * 4 * H, H, dt);
+        if (g.mask) for (int64_t j = 0; j < H; ++j) gy[j] += grad[j] + dymb[j] * g.mask[b * H + j];
+        else for (int64_t j = 0; j < H; ++j) gy[j] += grad[j] + dymb[j];
+        bwd_y(g.acts + (r0 + b) * 4 * H, yp + b * H, gy, dU + b * 4 * H, H, g.dt);
       }
     });
-    at::mm_out(dzy, at::from_blob(dU + r0 * 4 * H + 2 * H, {B, H}, {4 * H, 1}, opt), w_tz);
+    at::mm_out(dzy, at::from_blob(dU + 2 * H, {B, H}, {4 * H, 1}, opt), w_tz);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t r = r0 + b;
-        T* gz = g_z + b * H;
+        T* gz = g.g_z + b * H;
         for (int64_t j = 0; j < H; ++j) gz[j] += dzyp[b * H + j];
-        bwd_z(u + r * 4 * H, a_h + r * 3 * H, zp + b * H, gz, dU + r * 4 * H, H, dt);
+        bwd_z(g.acts + (r0 + b) * 4 * H, zp + b * H, gz, dU + b * 4 * H, H, g.dt);
+        add_to(g.db + b * 4 * H, dU + b * 4 * H, 4 * H);
       }
     });
     // [gate y, gate z] and cand z of this step's d u_proj rows (strided views) into W_hh
-    at::mm_out(dym, at::from_blob(dU + r0 * 4 * H, {B, 2 * H}, {4 * H, 1}, opt), w_hh.narrow(0, 0, 2 * H));
-    dym.addmm_(at::from_blob(dU + r0 * 4 * H + 3 * H, {B, H}, {4 * H, 1}, opt), w_hh.narrow(0, 2 * H, H));
+    at::mm_out(dym, at::from_blob(dU, {B, 2 * H}, {4 * H, 1}, opt), w_hh.narrow(0, 0, 2 * H));
+    dym.addmm_(at::from_blob(dU + 3 * H, {B, H}, {4 * H, 1}, opt), w_hh.narrow(0, 2 * H, H));
   }
-  for (int64_t i = 0; i < B * H; ++i) g_y[i] += mask ? dymp[i] * mask[i] : dymp[i];
+  for (int64_t i = 0; i < B * H; ++i) g.g_y[i] += g.mask ? dymp[i] * g.mask[i] : dymp[i];
 }
 
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) {
@@ -364,85 +464,114 @@ at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) {
 
 template <typename T> T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
-void check(const at::Tensor& u_proj, const at::Tensor& y0) {
-  TORCH_CHECK(u_proj.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
-  TORCH_CHECK(u_proj.dim() == 3 && u_proj.size(0) > 0 && u_proj.size(2) == 4 * y0.size(1),
-              "lem_cpu: u_proj must be (T, B, 4H) with T > 0");
+void check(const at::Tensor& t, int64_t width, const at::Tensor& y0, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) > 0 && t.size(2) == width * y0.size(1),
+              "lem_cpu: ", what, " must be (T, B, ", width, "H) with T > 0");
 }
 
 }  // namespace
 
-// Returns ys (T, B, H), zs (T, B, H) and the saved products hs (T, B, 3H), qs (T, B, H) when keep_z,
-// else ys and only z_T as (1, B, H).
-std::vector<at::Tensor> lem_forward(at::Tensor u_proj, at::Tensor y0, at::Tensor z0, at::Tensor w_hh,
-                                    at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
-                                    c10::optional<at::Tensor> mask_opt, double dt, bool keep_z) {
-  check(u_proj, y0);
-  u_proj = u_proj.contiguous(); w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
-  b_hh = b_hh.contiguous(); b_tz = b_tz.contiguous();
-  const Sizes s{u_proj.size(0), u_proj.size(1), y0.size(1)};
-  const at::Tensor mask = opt_mask(mask_opt);
-  at::Tensor y = y0.contiguous().clone(), z = z0.contiguous().clone();
-  at::Tensor ys = at::empty({s.T, s.B, s.H}, y.options());
-  at::Tensor zs = keep_z ? at::empty({s.T, s.B, s.H}, y.options()) : at::Tensor();
-  at::Tensor hs = keep_z ? at::empty({s.T, s.B, 3 * s.H}, y.options()) : at::Tensor();
-  at::Tensor qs = keep_z ? at::empty({s.T, s.B, s.H}, y.options()) : at::Tensor();
-  FlushDenormals ftz;
-  AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_forward", [&] {
-    forward_loop<scalar_t>(s, u_proj.data_ptr<scalar_t>(), w_hh, b_hh.data_ptr<scalar_t>(), w_tz,
-                           b_tz.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(mask), static_cast<scalar_t>(dt),
-                           y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>(),
-                           ptr_or_null<scalar_t>(zs), ptr_or_null<scalar_t>(hs), ptr_or_null<scalar_t>(qs),
-                           y.options());
-  });
-  if (keep_z) return {ys, zs, hs, qs};
-  return {ys, z.unsqueeze(0)};
-}
-
-// Returns d u_proj (T, B, 4H), d y0, d z0, d w_hh, d b_hh, d w_tz, d b_tz.
-std::vector<at::Tensor> lem_backward(at::Tensor grad_ys, c10::optional<at::Tensor> grad_zT, at::Tensor u_proj,
-                                     at::Tensor ys, at::Tensor zs, at::Tensor a_h, at::Tensor q_all, at::Tensor y0, at::Tensor z0, at::Tensor w_hh,
-                                     at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
-                                     c10::optional<at::Tensor> mask_opt, double dt) {
-  check(u_proj, y0);
-  u_proj = u_proj.contiguous(); grad_ys = grad_ys.contiguous(); ys = ys.contiguous(); zs = zs.contiguous();
+// x (T, B, I), w_in (4H, I), b_in (4H): the input projection x W_in^T of all T steps is one GEMM here,
+// into a cached buffer that is not kept for backward (its bias is added with the others in the loop). Returns ys (T, B, H), zs (T, B, H) and
+// the activations acts (T, B, 4H) when keep (for a backward), else ys and only z_T as (1, B, H).
+std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, at::Tensor b_in, at::Tensor y0, at::Tensor z0,
+                                    at::Tensor w_hh, at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
+                                    c10::optional<at::Tensor> mask_opt, double dt, bool keep) {
+  TORCH_CHECK(x.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 3 && x.size(0) > 0 && w_in.size(0) == 4 * y0.size(1), "lem_cpu: x must be (T, B, I) with T > 0");
   y0 = y0.contiguous(); z0 = z0.contiguous();
   w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
-  const int64_t T = u_proj.size(0), B = u_proj.size(1), H = y0.size(1);
+  const Sizes s{x.size(0), x.size(1), y0.size(1)};
+  const int64_t H = s.H;
+  const at::Tensor bias = b_in + at::cat({b_hh.narrow(0, 0, 2 * H), b_tz, b_hh.narrow(0, 2 * H, H)});
   const at::Tensor mask = opt_mask(mask_opt);
-  a_h = a_h.contiguous(); q_all = q_all.contiguous();
+  const auto opt = y0.options();
+  at::Tensor u_proj = empty_large({s.T, s.B, 4 * s.H}, opt);
+  at::Tensor u2 = u_proj.view({s.T * s.B, 4 * s.H});
+  at::mm_out(u2, x.reshape({s.T * s.B, x.size(2)}), w_in.t());
+  at::Tensor ys = empty_large({s.T, s.B, s.H}, opt);
+  at::Tensor zs = keep ? empty_large({s.T, s.B, s.H}, opt) : at::empty({2, s.B, s.H}, opt);
+  at::Tensor acts = keep ? empty_large({s.T, s.B, 4 * s.H}, opt) : at::Tensor();
   FlushDenormals ftz;
-  at::Tensor g_y = at::zeros({B, H}, y0.options());
-  at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->contiguous().clone() : at::zeros({B, H}, y0.options());
-  // the loop writes every gradient of u_proj straight into its place: [gate y, gate z, cand y (dQ), cand z]
-  at::Tensor d_u = at::empty({T, B, 4 * H}, y0.options());
-  AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_backward", [&] {
-    using T_ = scalar_t;
-    backward_loop<T_>({T, B, H}, grad_ys.data_ptr<T_>(), u_proj.data_ptr<T_>(), a_h.data_ptr<T_>(),
-                      q_all.data_ptr<T_>(), y0.data_ptr<T_>(), ys.data_ptr<T_>(), z0.data_ptr<T_>(),
-                      zs.data_ptr<T_>(), w_hh, w_tz,
-                      ptr_or_null<T_>(mask), static_cast<T_>(dt), g_y.data_ptr<T_>(), g_z.data_ptr<T_>(),
-                      d_u.data_ptr<T_>(), y0.options());
+  AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_forward", [&] {
+    using T = scalar_t;
+    const Forward<T> f{u_proj.data_ptr<T>(), y0.data_ptr<T>(), z0.data_ptr<T>(), bias.data_ptr<T>(),
+                       ptr_or_null<T>(mask), static_cast<T>(dt), ys.data_ptr<T>(), keep ? zs.data_ptr<T>() : nullptr,
+                       ptr_or_null<T>(acts), keep ? nullptr : zs.data_ptr<T>()};
+    if (s.H <= kRowwiseMaxH) {
+      const at::Tensor whh_t = w_hh.t().contiguous(), wtz_t = w_tz.t().contiguous();
+      with_fixed_h(s.H, [&](auto hc) { forward_rows<T, decltype(hc)::value>(s, f, whh_t.data_ptr<T>(), wtz_t.data_ptr<T>()); });
+    } else {
+      forward_gemm<T>(s, f, w_hh, w_tz, opt);
+    }
   });
-  // weight gradients: one GEMM each over all T·B rows
+  if (keep) return {ys, zs, acts};
+  // without keep, the per-row strategy leaves z_T in zs[0], the GEMM one in zs[(T - 1) % 2]
+  const int64_t last = s.H <= kRowwiseMaxH ? 0 : (s.T - 1) % 2;
+  return {ys, zs.narrow(0, last, 1).clone()};
+}
+
+// grad_ys and grad_zT may be undefined (no gradient reached them: zero). Returns d x (undefined unless
+// needs_dx), d w_in, d b_in, d y0, d z0, d w_hh, d b_hh, d w_tz, d b_tz.
+std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10::optional<at::Tensor> grad_zT, at::Tensor acts,
+                                     at::Tensor ys, at::Tensor zs, at::Tensor x, at::Tensor w_in, at::Tensor y0, at::Tensor z0,
+                                     at::Tensor w_hh, at::Tensor w_tz, c10::optional<at::Tensor> mask_opt, double dt,
+                                     bool needs_dx) {
+  check(acts, 4, y0, "acts");
+  acts = acts.contiguous(); ys = ys.contiguous(); zs = zs.contiguous();
+  y0 = y0.contiguous(); z0 = z0.contiguous(); w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
+  const int64_t T = acts.size(0), B = acts.size(1), H = y0.size(1);
+  const Sizes s{T, B, H};
+  const at::Tensor mask = opt_mask(mask_opt);
+  const auto opt = y0.options();
+  FlushDenormals ftz;
+  // a dense copy in a cached buffer (the gradient of ys.sum(), say, comes as an expanded view)
+  at::Tensor grad_ys = empty_large({T, B, H}, opt);
+  if (grad_ys_opt.has_value() && grad_ys_opt->defined()) grad_ys.copy_(*grad_ys_opt); else grad_ys.zero_();
+  at::Tensor g_y = at::zeros({B, H}, opt);
+  at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->contiguous().clone() : at::zeros({B, H}, opt);
+  // the loop writes every gradient of u_proj straight into its place: [gate y, gate z, cand y (dQ), cand z]
+  at::Tensor d_u = empty_large({T, B, 4 * H}, opt), db_rows = at::zeros({B, 4 * H}, opt);
+  AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lem_backward", [&] {
+    using T_ = scalar_t;
+    const Backward<T_> g{grad_ys.data_ptr<T_>(), acts.data_ptr<T_>(), y0.data_ptr<T_>(), ys.data_ptr<T_>(),
+                         z0.data_ptr<T_>(), zs.data_ptr<T_>(), ptr_or_null<T_>(mask), static_cast<T_>(dt),
+                         g_y.data_ptr<T_>(), g_z.data_ptr<T_>(), d_u.data_ptr<T_>(), db_rows.data_ptr<T_>()};
+    if (H <= kRowwiseMaxH) {
+      const at::Tensor whh4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
+      with_fixed_h(H, [&](auto hc) { backward_rows<T_, decltype(hc)::value>(s, g, whh4.data_ptr<T_>(), w_tz.data_ptr<T_>()); });
+    } else {
+      backward_gemm<T_>(s, g, w_hh, w_tz, opt);
+    }
+  });
+  // weight gradients: GEMMs over all T·B rows, formed transposed ((y_{n-1} ⊙ mask)^T dA is the faster
+  // orientation for MKL's long-K products: ~125 vs ~165 ms at sMNIST size)
   const at::Tensor dU2 = d_u.view({T * B, 4 * H}), ys2 = ys.view({T * B, H});
-  const at::Tensor dA_g = dU2.narrow(1, 0, 2 * H), dQ2 = dU2.narrow(1, 2 * H, H), dA_c = dU2.narrow(1, 3 * H, H);
   const at::Tensor ym_prev = mask.defined() ? at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).mul_(mask).view({T * B, H})
                                             : at::Tensor();
-  auto times_ym_prev = [&](at::Tensor out, const at::Tensor& d) {  // out = d^T (y_{n-1} ⊙ mask) over all T·B rows
-    if (ym_prev.defined()) { at::mm_out(out, d.t(), ym_prev); return; }
-    at::mm_out(out, d.narrow(0, 0, B).t(), y0);  // y_{n-1} = y0, then ys shifted by one step: no copy
-    if (T > 1) out.addmm_(d.narrow(0, B, (T - 1) * B).t(), ys2.narrow(0, 0, (T - 1) * B));
+  auto ym_prev_t_times = [&](at::Tensor out, const at::Tensor& d) {  // out = (y_{n-1} ⊙ mask)^T d over all T·B rows
+    if (ym_prev.defined()) { at::mm_out(out, ym_prev.t(), d); return; }
+    at::mm_out(out, y0.t(), d.narrow(0, 0, B));  // y_{n-1} = y0, then ys shifted by one step: no copy
+    if (T > 1) out.addmm_(ys2.narrow(0, 0, (T - 1) * B).t(), d.narrow(0, B, (T - 1) * B));
   };
-  at::Tensor d_whh = at::empty({3 * H, H}, y0.options());
-  times_ym_prev(d_whh.narrow(0, 0, 2 * H), dA_g);
-  times_ym_prev(d_whh.narrow(0, 2 * H, H), dA_c);
-  const at::Tensor d_b = dU2.sum(0);  // one pass for both biases: [gate y, gate z | cand y | cand z]
+  at::Tensor d_whh_t = at::empty({H, 3 * H}, opt);
+  ym_prev_t_times(d_whh_t.narrow(1, 0, 2 * H), dU2.narrow(1, 0, 2 * H));  // gate y, gate z
+  ym_prev_t_times(d_whh_t.narrow(1, 2 * H, H), dU2.narrow(1, 3 * H, H));  // cand z
+  const at::Tensor d_wtz = at::mm(zs.view({T * B, H}).t(), dU2.narrow(1, 2 * H, H)).t().contiguous();
+  // inp2hid: its bias gradient is the same column sum of d u_proj as both hidden biases
+  const at::Tensor x2 = x.reshape({T * B, x.size(2)});
+  const at::Tensor d_win = at::mm(x2.t(), dU2).t().contiguous();
+  const at::Tensor d_x = needs_dx ? at::mm(dU2, w_in).view(x.sizes()) : at::Tensor();
+  const at::Tensor d_b = db_rows.sum(0);  // [gate y, gate z | cand y | cand z]
   const at::Tensor d_bhh = at::cat({d_b.narrow(0, 0, 2 * H), d_b.narrow(0, 3 * H, H)});
-  return {d_u, g_y, g_z, d_whh, d_bhh, at::mm(dQ2.t(), zs.view({T * B, H})), d_b.narrow(0, 2 * H, H).clone()};
+  return {d_x, d_win, d_b, g_y, g_z, d_whh_t.t().contiguous(), d_bhh, d_wtz, d_b.narrow(0, 2 * H, H).clone()};
 }
+
+void empty_cache() { large_buffers().clear(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &lem_forward, "fused LEM forward (CPU)");
   m.def("backward", &lem_backward, "fused LEM backward (CPU)");
+  m.def("empty_cache", &empty_cache, "frees the cached large buffers");
 }
