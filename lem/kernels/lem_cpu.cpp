@@ -160,20 +160,18 @@ template <typename F> inline void for_rows(int64_t B, int64_t work_per_row, cons
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) { FlushDenormals ftz; f(b0, b1); });
 }
 
-// out[r][j] = bias[j] + sum_k v[r][k] m[k][j] for R rows at once (row stride of v: ldv, default K),
-// m (K, N) row-major, bias may be null; tiles of R x 8 outputs stay in registers while the weights stream from L1.
+// out[r][j] = sum_k v[r][k] m[k][j] for R rows at once (row stride of v: ldv, default K), m (K, N)
+// row-major; tiles of R x 8 outputs stay in registers while the weights stream from L1.
 #if defined(__AVX2__) && defined(__FMA__)
 // The float case with explicit AVX2 tiles of R x 16 outputs (2R accumulators); the compiler's
 // own vectorisation of the generic loop below mixed in scalar FMAs and shuffles.
 template <int R>
-inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restrict m, const float* __restrict bias,
+inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restrict m,
                                 float* __restrict out, int64_t K, int64_t N, int64_t ldv) {
   int64_t j0 = 0;
   for (; j0 + 16 <= N; j0 += 16) {
     __m256 a0[R], a1[R];
-    const __m256 b0 = bias ? _mm256_loadu_ps(bias + j0) : _mm256_setzero_ps();
-    const __m256 b1 = bias ? _mm256_loadu_ps(bias + j0 + 8) : _mm256_setzero_ps();
-    for (int r = 0; r < R; ++r) { a0[r] = b0; a1[r] = b1; }
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
       const __m256 w0 = _mm256_loadu_ps(m + k * N + j0), w1 = _mm256_loadu_ps(m + k * N + j0 + 8);
       for (int r = 0; r < R; ++r) {
@@ -189,8 +187,7 @@ inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restri
   }
   for (; j0 + 8 <= N; j0 += 8) {
     __m256 a[R];
-    const __m256 b = bias ? _mm256_loadu_ps(bias + j0) : _mm256_setzero_ps();
-    for (int r = 0; r < R; ++r) a[r] = b;
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
       const __m256 w = _mm256_loadu_ps(m + k * N + j0);
       for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(v + r * ldv + k), w, a[r]);
@@ -202,18 +199,18 @@ inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restri
 #endif
 
 template <int R, typename T>
-inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* __restrict bias, T* __restrict out,
+inline void rows_vecmat(const T* __restrict v, const T* __restrict m, T* __restrict out,
                         int64_t K, int64_t N, int64_t ldv = 0) {
   if (ldv == 0) ldv = K;
   constexpr int W = 8;
   int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (std::is_same_v<T, float>) j0 = rows_vecmat_avx2<R>(v, m, bias, out, K, N, ldv);
+  if constexpr (std::is_same_v<T, float>) j0 = rows_vecmat_avx2<R>(v, m, out, K, N, ldv);
 #endif
   for (; j0 + W <= N; j0 += W) {
     T acc[R][W];
     for (int r = 0; r < R; ++r)
-      for (int jj = 0; jj < W; ++jj) acc[r][jj] = bias ? bias[j0 + jj] : T(0);
+      for (int jj = 0; jj < W; ++jj) acc[r][jj] = T(0);
     for (int64_t k = 0; k < K; ++k) {
       const T* mk = m + k * N + j0;
       for (int r = 0; r < R; ++r) {
@@ -226,7 +223,7 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, const T* _
   }
   for (; j0 < N; ++j0)
     for (int r = 0; r < R; ++r) {
-      T acc = bias ? bias[j0] : T(0);
+      T acc = T(0);
       for (int64_t k = 0; k < K; ++k) acc += v[r * ldv + k] * m[k * N + j0];
       out[r * N + j0] = acc;
     }
@@ -292,8 +289,9 @@ template <typename T> inline void times_mask(const T* __restrict v, const T* __r
 
 struct Sizes { int64_t T, B, H; };
 
-// The forward's pointers. ys, zs (T, B, H) and acts (T, B, 4H) are written step by step; without
-// a backward to feed, zs and acts are null and z alternates between the two (B, H) halves of z_tmp.
+// The forward's pointers. ys, zs (T, B, H) and acts (T, B, 4H) are written step by step. Without
+// a backward to feed, zs and acts are null: z_n and the activations go to scratch, and z_T ends in
+// z_tmp (2, B, H) (see lem_forward).
 template <typename T> struct Forward {
   const T *u, *y0, *z0, *bias, *mask;
   T dt;
@@ -330,9 +328,9 @@ void forward_rows(Sizes s, const Forward<T>& f, const T* whh_t, const T* wtz_t) 
       T* z = f.zs ? f.zs + row * H : z_own[n & 1];
       T* a = f.acts ? f.acts + row * 4 * H : a_own;
       if (mb) times_mask(yp, mb, ym, R * H);
-      rows_vecmat<R>(mb ? ym : yp, whh_t, static_cast<const T*>(nullptr), h, H, 3 * H);
+      rows_vecmat<R>(mb ? ym : yp, whh_t, h, H, 3 * H);
       for (int r = 0; r < R; ++r) fwd_z(u + r * 4 * H, h + r * 3 * H, f.bias, zp + r * H, z + r * H, a + r * 4 * H, H, f.dt);
-      rows_vecmat<R>(z, wtz_t, static_cast<const T*>(nullptr), q, H, H);
+      rows_vecmat<R>(z, wtz_t, q, H, H);
       for (int r = 0; r < R; ++r)
         fwd_y(u + r * 4 * H, h + r * 3 * H, f.bias, q + r * H, yp + r * H, y + r * H, a + r * 4 * H, H, f.dt);
       yp = y;
@@ -409,11 +407,11 @@ void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
       T* dU = g.dU + row * 4 * H;
       for (int64_t i = 0; i < R * H; ++i) gy[i] += g.grad_ys[row * H + i] + (mb ? dym[i] * mb[i] : dym[i]);
       for (int r = 0; r < R; ++r) bwd_y(a + r * 4 * H, yp + r * H, gy + r * H, dU + r * 4 * H, H, g.dt);
-      rows_vecmat<R>(dU + 2 * H, wtz, static_cast<const T*>(nullptr), dzy, H, H, 4 * H);
+      rows_vecmat<R>(dU + 2 * H, wtz, dzy, H, H, 4 * H);
       for (int64_t i = 0; i < R * H; ++i) gz[i] += dzy[i];
       for (int r = 0; r < R; ++r) bwd_z(a + r * 4 * H, zp + r * H, gz + r * H, dU + r * 4 * H, H, g.dt);
       add_to(g.db + b0 * 4 * H, dU, R * 4 * H);
-      rows_vecmat<R>(dU, whh4, static_cast<const T*>(nullptr), dym, 4 * H, H);
+      rows_vecmat<R>(dU, whh4, dym, 4 * H, H);
     }
     for (int64_t i = 0; i < R * H; ++i) gy[i] += mb ? dym[i] * mb[i] : dym[i];
   };
@@ -473,8 +471,9 @@ void check(const at::Tensor& t, int64_t width, const at::Tensor& y0, const char*
 }  // namespace
 
 // x (T, B, I), w_in (4H, I), b_in (4H): the input projection x W_in^T of all T steps is one GEMM here,
-// into a cached buffer that is not kept for backward (its bias is added with the others in the loop). Returns ys (T, B, H), zs (T, B, H) and
-// the activations acts (T, B, 4H) when keep (for a backward), else ys and only z_T as (1, B, H).
+// into a cached buffer that is not kept for backward (its bias is added with the others in the loop).
+// Returns ys (T, B, H), zs (T, B, H) and the activations acts (T, B, 4H) when keep (for a backward),
+// else ys and only z_T as (1, B, H).
 std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, at::Tensor b_in, at::Tensor y0, at::Tensor z0,
                                     at::Tensor w_hh, at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
                                     c10::optional<at::Tensor> mask_opt, double dt, bool keep) {
