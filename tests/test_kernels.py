@@ -47,6 +47,7 @@ def assert_close_relative(a, b, name):
     (1, 1, 5, 2, False, True, 0.0),      # T = 1, B = 1
     (12, 1, 33, 4, True, False, 0.5),    # B = 1
     (9, 5, 32, 2, True, True, 0.4),      # H = 32 fixed at compile time, y0/z0, mask
+    (25, 9, 40, 2, False, False, 0.0),   # mat-vec tiles of every width (3H = 120 = 48 + 48 + 16 + 8)
     (20, 6, 70, 3, False, True, 0.2),    # per-step GEMM strategy (H > 64)
 ])
 def test_fused_cpu_matches_reference(T, B, H, I, batch_first, with_state, state_dropout):

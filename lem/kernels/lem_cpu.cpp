@@ -161,14 +161,13 @@ template <typename F> inline void for_rows(int64_t B, int64_t work_per_row, cons
 }
 
 // out[r][j] = sum_k v[r][k] m[k][j] for R rows at once (row stride of v: ldv, default K), m (K, N)
-// row-major; tiles of R x 8 outputs stay in registers while the weights stream from L1.
+// row-major; tiles of R x (48, 16 or 8) outputs stay in registers while the weights stream from L1.
 #if defined(__AVX2__) && defined(__FMA__)
 // The float case with explicit AVX2 tiles of R x 16 outputs (2R accumulators); the compiler's
 // own vectorisation of the generic loop below mixed in scalar FMAs and shuffles.
 template <int R>
 inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restrict m,
-                                float* __restrict out, int64_t K, int64_t N, int64_t ldv) {
-  int64_t j0 = 0;
+                                float* __restrict out, int64_t K, int64_t N, int64_t ldv, int64_t j0) {
   for (; j0 + 16 <= N; j0 += 16) {
     __m256 a0[R], a1[R];
     for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
@@ -198,6 +197,54 @@ inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restri
 }
 #endif
 
+#if defined(__AVX512F__)
+// With AVX-512: tiles of R x 48 outputs (3R accumulators; the 32 vector registers hold them), then
+// R x 16 with the sum over k split into even and odd k, so that enough independent FMA chains hide
+// the FMA latency in the narrow products of the backward (N = H).
+template <int R>
+inline int64_t rows_vecmat_avx512(const float* __restrict v, const float* __restrict m,
+                                  float* __restrict out, int64_t K, int64_t N, int64_t ldv) {
+  int64_t j0 = 0;
+  for (; j0 + 48 <= N; j0 += 48) {
+    __m512 a0[R], a1[R], a2[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = a2[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const float* mk = m + k * N + j0;
+      const __m512 w0 = _mm512_loadu_ps(mk), w1 = _mm512_loadu_ps(mk + 16), w2 = _mm512_loadu_ps(mk + 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512 x = _mm512_set1_ps(v[r * ldv + k]);
+        a0[r] = _mm512_fmadd_ps(x, w0, a0[r]);
+        a1[r] = _mm512_fmadd_ps(x, w1, a1[r]);
+        a2[r] = _mm512_fmadd_ps(x, w2, a2[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(out + r * N + j0, a0[r]);
+      _mm512_storeu_ps(out + r * N + j0 + 16, a1[r]);
+      _mm512_storeu_ps(out + r * N + j0 + 32, a2[r]);
+    }
+  }
+  for (; j0 + 16 <= N; j0 += 16) {
+    __m512 even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+      const __m512 w0 = _mm512_loadu_ps(m + k * N + j0), w1 = _mm512_loadu_ps(m + (k + 1) * N + j0);
+      for (int r = 0; r < R; ++r) {
+        even[r] = _mm512_fmadd_ps(_mm512_set1_ps(v[r * ldv + k]), w0, even[r]);
+        odd[r] = _mm512_fmadd_ps(_mm512_set1_ps(v[r * ldv + k + 1]), w1, odd[r]);
+      }
+    }
+    if (k < K) {
+      const __m512 w = _mm512_loadu_ps(m + k * N + j0);
+      for (int r = 0; r < R; ++r) even[r] = _mm512_fmadd_ps(_mm512_set1_ps(v[r * ldv + k]), w, even[r]);
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * N + j0, _mm512_add_ps(even[r], odd[r]));
+  }
+  return j0;  // columns done; the AVX2 tiles go on from here
+}
+#endif
+
 template <int R, typename T>
 inline void rows_vecmat(const T* __restrict v, const T* __restrict m, T* __restrict out,
                         int64_t K, int64_t N, int64_t ldv = 0) {
@@ -205,7 +252,12 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, T* __restr
   constexpr int W = 8;
   int64_t j0 = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  if constexpr (std::is_same_v<T, float>) j0 = rows_vecmat_avx2<R>(v, m, out, K, N, ldv);
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(__AVX512F__)
+    j0 = rows_vecmat_avx512<R>(v, m, out, K, N, ldv);
+#endif
+    j0 = rows_vecmat_avx2<R>(v, m, out, K, N, ldv, j0);
+  }
 #endif
   for (; j0 + W <= N; j0 += W) {
     T acc[R][W];
