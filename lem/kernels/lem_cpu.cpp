@@ -606,9 +606,10 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
     at::mm_out(out, y0.t(), d.narrow(0, 0, B));  // y_{n-1} = y0, then ys shifted by one step: no copy
     if (T > 1) out.addmm_(ys2.narrow(0, 0, (T - 1) * B).t(), d.narrow(0, B, (T - 1) * B));
   };
-  at::Tensor d_whh_t = at::empty({H, 3 * H}, opt);
-  ym_prev_t_times(d_whh_t.narrow(1, 0, 2 * H), dU2.narrow(1, 0, 2 * H));  // gate y, gate z
-  ym_prev_t_times(d_whh_t.narrow(1, 2 * H, H), dU2.narrow(1, 3 * H, H));  // cand z
+  // one product with all 4H columns reads d u_proj once; its cand-y block (H columns) is not W_hh's
+  at::Tensor d_whh4_t = at::empty({H, 4 * H}, opt);
+  ym_prev_t_times(d_whh4_t, dU2);
+  const at::Tensor d_whh_t = at::cat({d_whh4_t.narrow(1, 0, 2 * H), d_whh4_t.narrow(1, 3 * H, H)}, 1);
   const at::Tensor d_wtz = at::mm(zs.view({T * B, H}).t(), dU2.narrow(1, 2 * H, H)).t().contiguous();
   // inp2hid: its bias gradient is the same column sum of d u_proj as both hidden biases
   const at::Tensor x2 = x.reshape({T * B, x.size(2)});
