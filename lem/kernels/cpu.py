@@ -32,7 +32,7 @@ def load():
 
 def _simd_flags():
     """The vector units this CPU has (the build is cached per machine, and the flags are part of its
-    name): AVX2/FMA, and 512-bit vectors for the elementwise loops where AVX-512 is there."""
+    name): AVX2/FMA, and AVX-512 with 512-bit vectors where the CPU has it."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:

@@ -163,8 +163,9 @@ template <typename F> inline void for_rows(int64_t B, int64_t work_per_row, cons
 // out[r][j] = sum_k v[r][k] m[k][j] for R rows at once (row stride of v: ldv, default K), m (K, N)
 // row-major; tiles of R x (48, 16 or 8) outputs stay in registers while the weights stream from L1.
 #if defined(__AVX2__) && defined(__FMA__)
-// The float case with explicit AVX2 tiles of R x 16 outputs (2R accumulators); the compiler's
-// own vectorisation of the generic loop below mixed in scalar FMAs and shuffles.
+// The float case with explicit AVX2 tiles of R x 16 and R x 8 outputs (on AVX-512 CPUs only the
+// columns the AVX-512 tiles leave); the compiler's own vectorisation of the generic loop below mixed
+// in scalar FMAs and shuffles.
 template <int R>
 inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restrict m,
                                 float* __restrict out, int64_t K, int64_t N, int64_t ldv, int64_t j0) {
@@ -601,14 +602,15 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
   const at::Tensor dU2 = d_u.view({T * B, 4 * H}), ys2 = ys.view({T * B, H});
   const at::Tensor ym_prev = mask.defined() ? at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).mul_(mask).view({T * B, H})
                                             : at::Tensor();
-  auto ym_prev_t_times = [&](at::Tensor out, const at::Tensor& d) {  // out = (y_{n-1} ⊙ mask)^T d over all T·B rows
-    if (ym_prev.defined()) { at::mm_out(out, ym_prev.t(), d); return; }
-    at::mm_out(out, y0.t(), d.narrow(0, 0, B));  // y_{n-1} = y0, then ys shifted by one step: no copy
-    if (T > 1) out.addmm_(ys2.narrow(0, 0, (T - 1) * B).t(), d.narrow(0, B, (T - 1) * B));
-  };
-  // one product with all 4H columns reads d u_proj once; its cand-y block (H columns) is not W_hh's
+  // W_hh: (y_{n-1} ⊙ mask)^T d u_proj with all 4H columns, one pass over d u_proj; its cand-y block
+  // (H columns, which belong to W_tz) is dropped after
   at::Tensor d_whh4_t = at::empty({H, 4 * H}, opt);
-  ym_prev_t_times(d_whh4_t, dU2);
+  if (ym_prev.defined()) {
+    at::mm_out(d_whh4_t, ym_prev.t(), dU2);
+  } else {  // y_{n-1} = y0, then ys shifted by one step: no copy
+    at::mm_out(d_whh4_t, y0.t(), dU2.narrow(0, 0, B));
+    if (T > 1) d_whh4_t.addmm_(ys2.narrow(0, 0, (T - 1) * B).t(), dU2.narrow(0, B, (T - 1) * B));
+  }
   const at::Tensor d_whh_t = at::cat({d_whh4_t.narrow(1, 0, 2 * H), d_whh4_t.narrow(1, 3 * H, H)}, 1);
   const at::Tensor d_wtz = at::mm(zs.view({T * B, H}).t(), dU2.narrow(1, 2 * H, H)).t().contiguous();
   // inp2hid: its bias gradient is the same column sum of d u_proj as both hidden biases
