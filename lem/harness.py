@@ -10,6 +10,7 @@ Training is cut into epochs; each epoch is a list of cheap batch keys (index ten
 fixed by (seed, epoch) alone, so a resumed run replays exactly the batches it would have seen.
 """
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -179,20 +180,110 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+LOCK_FILE = "run.lock"
+CHECKPOINT_KEYS = ("model", "optimizer", "task", "rng", "state", "args")
+
+
+def fail(message):
+    """Stop with exit code 1 and no traceback: rank 0 prints message, the other processes stop quietly."""
+    sys.exit(message if distributed.is_main() else 1)
+
+
 class Run:
-    """The run folder <experiment>/results/<run-name>/ and everything written into it (by rank 0 only)."""
+    """The run folder <experiment>/results/<run-name>/ and everything written into it (by rank 0 only).
+
+    While a process trains the run, it (rank 0 under torchrun) holds the folder's lock: one
+    process per run. A failed write stops every process and leaves the files it replaced whole."""
 
     def __init__(self, folder, task_cls):
         self.folder = Path(folder)
         self.task_cls = task_cls
         self.checkpoint = self.folder / "checkpoint.pt"
+        self.previous = self.folder / "checkpoint.prev.pt"  # the one before, for when the newest is damaged
+        self._lock = None
+
+    @contextlib.contextmanager
+    def claimed(self, resume):
+        """Hold the run folder. Every process stops (rank 0 says why) when another process trains
+        this run, when the folder holds a run and resume is off, or holds no checkpoint and it is on."""
+        problem = self._claim(resume) if distributed.is_main() else None
+        try:
+            if distributed.anyone(problem is not None):
+                fail(problem)
+            yield
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # releases the lock (--seeds: the next run has its own folder)
+                self._lock = None
+
+    def _claim(self, resume):
+        """Take the folder's lock before anything is written there; what forbids training here, if anything."""
+        if resume and not self.folder.is_dir():
+            return f"--resume: no checkpoint at {self.checkpoint}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = self.folder / LOCK_FILE
+        try:
+            self._lock = runlog.lock(lock)
+        except BlockingIOError:
+            holder = lock.read_text().strip() or "(PID not yet written)"
+            return (f"{self.folder} is in use: process {holder} is training this run and holds its lock ({lock}). "
+                    f"Two processes on one run would overwrite each other's checkpoint and logs, so this one stops. "
+                    f"Wait for that process to end (--resume then continues the run), or give this one "
+                    f"another --run-name or --seed.")
+        except OSError as e:  # a file system without locks, e.g. Lustre mounted without -o flock
+            print(f"warning: cannot lock {lock} ({e.strerror}); nothing keeps a second process off this run",
+                  file=sys.stderr)
+        else:
+            runlog.remove_leftovers(self.folder)
+        saved = self.checkpoint.exists() or self.previous.exists()
+        if saved and not resume:
+            return f"{self.folder} already holds a run: pass --resume to continue it, or --run-name for a new one"
+        if resume and not saved:
+            return f"--resume: no checkpoint at {self.checkpoint}"
+        return None
+
+    def write(self, what, write):
+        """write() on rank 0. If it fails (disk full, read-only folder), every process stops."""
+        error = None
+        if distributed.is_main():
+            try:
+                write()
+            except OSError as e:
+                error = (f"could not write {what} in {self.folder}: {e.strerror or e}. The run stops here; "
+                         f"its last good checkpoint and logs are kept. Make room (or make the folder writable), "
+                         f"then continue with the same command and --resume.")
+        if distributed.anyone(error is not None):
+            fail(error)
+
+    def save_checkpoint(self, make):
+        """Write make() as checkpoint.pt; the checkpoint it replaces becomes checkpoint.prev.pt."""
+        self.write(self.checkpoint.name, lambda: runlog.rotate_checkpoint(self.checkpoint, make(), self.previous))
+
+    def load_checkpoint(self, device):
+        """The newest checkpoint that loads whole: checkpoint.pt, else (saying so) checkpoint.prev.pt."""
+        try:
+            return runlog.load_checkpoint(self.checkpoint, CHECKPOINT_KEYS, device)
+        except ValueError as e:
+            newest = str(e)
+        try:
+            ckpt = runlog.load_checkpoint(self.previous, CHECKPOINT_KEYS, device)
+        except ValueError as e:
+            fail(f"--resume: neither checkpoint of this run loads: {newest}; {e}. Move the folder away to start "
+                 f"the run anew.")
+        if distributed.is_main():
+            state = ckpt["state"]
+            print(f"warning: {newest}; continuing from {self.previous.name} (epoch {state['epoch']}, "
+                  f"batch {state['batch']})", file=sys.stderr)
+        return ckpt
+
+    def write_config(self, config):
+        self.write("config.json", lambda: runlog.write_json(self.folder / "config.json", config))
 
     def write_logs(self, history):
-        if not distributed.is_main():
-            return
-        lines = [json.dumps(r) for r in history]
-        runlog.write_text(self.folder / "log.jsonl", "".join(line + "\n" for line in lines))
-        runlog.write_text(self.folder / "log.txt", "".join(runlog.format_record(r) + "\n" for r in history))
+        def write():
+            runlog.write_text(self.folder / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            runlog.write_text(self.folder / "log.txt", "".join(runlog.format_record(r) + "\n" for r in history))
+        self.write("log.jsonl and log.txt", write)
 
     def write_summary(self, state, status, config):
         t = self.task_cls
@@ -209,8 +300,7 @@ class Run:
             "test": selected["test"][t.metric] if selected and "test" in selected else None,
             "last": last,
         }
-        if distributed.is_main():
-            runlog.write_json(self.folder / "summary.json", summary)
+        self.write("summary.json", lambda: runlog.write_json(self.folder / "summary.json", summary))
         return summary
 
 
@@ -220,7 +310,7 @@ RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds"
 def check_same_arguments(saved, given):
     changed = {k: (saved.get(k), v) for k, v in given.items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v}
     if changed:
-        sys.exit("--resume with other arguments than the run was started with: "
+        fail("--resume with other arguments than the run was started with: "
                  + ", ".join(f"--{k} {new} (run has {old})" for k, (old, new) in changed.items()))
 
 
@@ -250,24 +340,37 @@ def run(task_cls, argv=None):
 
 
 def train(task_cls, args):
-    """Train, evaluate, log one run. Returns its summary dict; exits 1 on NaN."""
+    """Train, evaluate, log one run, holding its folder. Returns its summary dict; exits 1 on NaN."""
     experiment_dir = Path(inspect.getfile(task_cls)).resolve().parent
     device = pick_device(args.device)
-    main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
-
     # Gradients through long sequences decay into denormal floats, which slow CPU matmuls ~10x
     # (sMNIST/nCIFAR backward); flushing them (|x| < 1.2e-38) to zero is harmless for training.
     torch.set_flush_denormal(True)
     seed_everything(args.seed)
     task = distributed.one_by_one(lambda: task_cls(args, device))
-    run_name = args.run_name or task.run_name()
-    out = Run(Path(args.out_dir or experiment_dir / "results") / run_name, task_cls)
-    if out.checkpoint.exists() and not args.resume:
-        sys.exit(f"{out.folder} already holds a run: pass --resume to continue it, or --run-name for a new one")
-    if args.resume and not out.checkpoint.exists():
-        sys.exit(f"--resume: no checkpoint at {out.checkpoint}")
-    if main:
-        task.start(out.folder)
+    out = Run(Path(args.out_dir or experiment_dir / "results") / (args.run_name or task.run_name()), task_cls)
+    with out.claimed(args.resume):
+        return fit(task, out, args, device)
+
+
+def restore(out, args, device, model, optimizer, task):
+    """Load the run's checkpoint into model, optimizer, task and RNGs; returns the loop's state."""
+    ckpt = out.load_checkpoint(device)
+    check_same_arguments(ckpt["args"], vars(args))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    task.load_state_dict(ckpt["task"])
+    rngs = ckpt.get("rng_ranks", [ckpt["rng"]])
+    if distributed.rank() < len(rngs):
+        set_rng_state(rngs[distributed.rank()])
+    return ckpt["state"]
+
+
+def fit(task, out, args, device):
+    """The training loop of one run, in the folder this process holds."""
+    task_cls = type(task)
+    main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
+    out.write("the task's files", lambda: task.start(out.folder))
 
     model = task.build_model().to(device)
     for module in model.modules():
@@ -278,15 +381,7 @@ def train(task_cls, args):
         seed_everything(args.seed + distributed.rank())  # same init everywhere, then own dropout masks
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
     if args.resume:
-        ckpt = torch.load(out.checkpoint, map_location=device, weights_only=False)
-        check_same_arguments(ckpt["args"], vars(args))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        task.load_state_dict(ckpt["task"])
-        rngs = ckpt.get("rng_ranks", [ckpt["rng"]])
-        if distributed.rank() < len(rngs):
-            set_rng_state(rngs[distributed.rank()])
-        state = ckpt["state"]
+        state = restore(out, args, device, model, optimizer, task)
         if main:
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
@@ -295,18 +390,22 @@ def train(task_cls, args):
         config.update(runlog.environment(device))
         if distributed.world_size() > 1:
             config["processes"] = distributed.world_size()
-        runlog.write_json(out.folder / "config.json", config)
+    out.write_config(config)
+    if args.resume:  # the logs as of the checkpoint loaded (it may be the one before the newest)
+        out.write_logs(state["history"])
+        out.write_summary(state, "running", config)
     train_model = distributed.wrap(model, device)
 
     def save():
         rngs = distributed.gather(rng_state())
-        if not main:
-            return
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
-                "rng": rngs[0], "state": state, "args": vars(args)}
-        if len(rngs) > 1:
-            ckpt["rng_ranks"] = rngs  # every process's own, for an exact resume on as many processes
-        runlog.save_checkpoint(out.checkpoint, ckpt)
+
+        def checkpoint():
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
+                    "rng": rngs[0], "state": state, "args": vars(args)}
+            if len(rngs) > 1:
+                ckpt["rng_ranks"] = rngs  # every process's own, for an exact resume on as many processes
+            return ckpt
+        out.save_checkpoint(checkpoint)
 
     status = "finished"
     started = time.time() - state["elapsed"]

@@ -12,7 +12,7 @@ from lem import distributed, harness
 # 12 trajectories in batches of 5, 5, 2: shares of 3 and 2 samples, so the loss weights matter
 FHN = ["--n_train", 12, "--n_valid", 4, "--n_test", 4, "--nhid", 8, "--batch", 5, "--epochs", 2]
 ADDING = ["--seq_length", 20, "--max_iter", 200, "--test_size", 40, "--nhid", 8, "--batch", 10]
-RUN_FILES = {"checkpoint.pt", "config.json", "log.jsonl", "log.txt", "summary.json"}
+RUN_FILES = {"checkpoint.pt", "checkpoint.prev.pt", "config.json", "log.jsonl", "log.txt", "summary.json", "run.lock"}
 
 
 def torchrun(experiment, *args, out_dir, data_dir, nproc=2):
@@ -83,6 +83,7 @@ def test_one_process_splits_nothing():
 def test_shares_weights_and_the_other_ranks_silence(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "anyone", bool)  # a collective: no process group here
     idx = torch.arange(10, 18)  # 8 samples over 3 processes: 3, 3, 2
     part, weight = distributed.local_batch(idx)
     assert part.tolist() == [11, 14, 17] and weight == pytest.approx(3 * 3 / 8)
