@@ -2,9 +2,10 @@
 
 An experiment subclasses `Task` (its data, model, loss, metric and paper defaults) and calls
 `run(MyTask)`. The harness does the rest: arguments, seeding, device, Adam, lr step decay,
-gradient clipping, evaluation and model selection on validation, result logs, checkpoints,
-exact resume, clean stop on Ctrl-C/SIGTERM and the NaN guard; under torchrun, data-parallel
-training over several processes (lem/distributed.py).
+gradient clipping, evaluation and model selection on validation, result logs, checkpoints (the
+one before kept), exact resume, one process per run folder (its lock), clean stop on Ctrl-C/SIGTERM,
+on a failed save and on NaN; under torchrun, data-parallel training over several processes
+(lem/distributed.py).
 
 Training is cut into epochs; each epoch is a list of cheap batch keys (index tensors, seeds)
 fixed by (seed, epoch) alone, so a resumed run replays exactly the batches it would have seen.
@@ -206,8 +207,8 @@ class Run:
     def claimed(self, resume):
         """Hold the run folder. Every process stops (rank 0 says why) when another process trains
         this run, when the folder holds a run and resume is off, or holds no checkpoint and it is on."""
-        problem = self._claim(resume) if distributed.is_main() else None
         try:
+            problem = self._claim(resume) if distributed.is_main() else None
             if distributed.anyone(problem is not None):
                 fail(problem)
             yield
@@ -220,7 +221,10 @@ class Run:
         """Take the folder's lock before anything is written there; what forbids training here, if anything."""
         if resume and not self.folder.is_dir():
             return f"--resume: no checkpoint at {self.checkpoint}"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"cannot make the run folder {self.folder}: {e.strerror or e}"
         lock = self.folder / LOCK_FILE
         try:
             self._lock = runlog.lock(lock)
@@ -230,7 +234,7 @@ class Run:
                     f"Two processes on one run would overwrite each other's checkpoint and logs, so this one stops. "
                     f"Wait for that process to end (--resume then continues the run), or give this one "
                     f"another --run-name or --seed.")
-        except OSError as e:  # a file system without locks, e.g. Lustre mounted without -o flock
+        except OSError as e:  # a file system without locks, e.g. Lustre mounted with -o noflock
             print(f"warning: cannot lock {lock} ({e.strerror}); nothing keeps a second process off this run",
                   file=sys.stderr)
         else:
@@ -260,7 +264,9 @@ class Run:
         self.write(self.checkpoint.name, lambda: runlog.rotate_checkpoint(self.checkpoint, make(), self.previous))
 
     def load_checkpoint(self, device):
-        """The newest checkpoint that loads whole: checkpoint.pt, else (saying so) checkpoint.prev.pt."""
+        """The newest checkpoint that loads whole: checkpoint.pt, else (saying so) checkpoint.prev.pt.
+        A damaged checkpoint.pt is then set aside as checkpoint.damaged.pt, so that the next save
+        keeps checkpoint.prev.pt instead of rotating the damaged file onto it."""
         try:
             return runlog.load_checkpoint(self.checkpoint, CHECKPOINT_KEYS, device)
         except ValueError as e:
@@ -270,6 +276,15 @@ class Run:
         except ValueError as e:
             fail(f"--resume: neither checkpoint of this run loads: {newest}; {e}. Move the folder away to start "
                  f"the run anew.")
+        damaged = self.folder / "checkpoint.damaged.pt"
+        set_aside = distributed.is_main() and self.checkpoint.exists()
+
+        def move():
+            if set_aside:
+                os.replace(self.checkpoint, damaged)
+        self.write(damaged.name, move)  # on every process, as write stops them all if it fails
+        if set_aside:
+            newest += f", kept as {damaged.name}"
         if distributed.is_main():
             state = ckpt["state"]
             print(f"warning: {newest}; continuing from {self.previous.name} (epoch {state['epoch']}, "

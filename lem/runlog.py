@@ -72,7 +72,7 @@ def load_checkpoint(path, keys, map_location=None):
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a damaged file fails anywhere in unzip or unpickle: EOFError, RuntimeError, ...
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path} does not load ({type(e).__name__}: {reason})") from e
+        raise ValueError(f"{path} does not load: truncated or damaged ({type(e).__name__}: {reason})") from e
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise ValueError(f"{path} is not a whole checkpoint: it lacks {', '.join(missing)}")
