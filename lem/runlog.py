@@ -53,7 +53,7 @@ def save_checkpoint(path, obj):
 
 
 def rotate_checkpoint(path, obj, previous):
-    """torch.save(obj) to path; the checkpoint path held becomes previous (see _atomic).
+    """torch.save(obj) to path; the checkpoint that path held becomes previous (see _atomic).
 
     Serialised in memory first: a full disk then fails in our own write as a plain OSError,
     where inside torch's zip writer it would surface as an opaque RuntimeError."""
