@@ -35,7 +35,9 @@ class Task:
     name = None               # the experiment folder, e.g. "fitzhugh_nagumo"
     metric = None             # key of evaluate()'s dict used for model selection and reports
     higher_is_better = False
-    paper = None              # the paper's figure (SPEC §2)
+    paper = None              # the paper's figure (SPEC §2): LEM's, or {model: figure} where the paper
+                              # reports its baselines too
+    baseline = None           # the metric of a trivial predictor, drawn beside the curves (adding: 0.167)
     defaults = {}             # paper hyper-parameters of the common flags (SPEC §3)
     eval_splits = ("valid", "test")
 
@@ -202,7 +204,8 @@ class Run:
         summary = {
             "experiment": t.name, "model": config["args"]["model"], "seed": config["args"]["seed"],
             "run_name": self.folder.name, "metric": t.metric, "higher_is_better": t.higher_is_better,
-            "paper": t.paper, "status": status, "epochs_done": state["epoch"], "steps": state["step"],
+            "paper": paper_figure(t, config["args"]["model"]), "baseline": t.baseline,
+            "status": status, "epochs_done": state["epoch"], "steps": state["step"],
             "wall_time_s": round(state["elapsed"], 1),
             "best_epoch": selected["epoch"] if selected else None,
             "valid": selected["valid"][t.metric] if selected and "valid" in selected else None,
@@ -212,6 +215,13 @@ class Run:
         if distributed.is_main():
             runlog.write_json(self.folder / "summary.json", summary)
         return summary
+
+
+def paper_figure(task_cls, model):
+    """The paper's figure for `model`: Task.paper is LEM's figure, or a dict by model."""
+    if isinstance(task_cls.paper, dict):
+        return task_cls.paper.get(model)
+    return task_cls.paper if model == "lem" else None
 
 
 RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds", "backend"}
@@ -290,7 +300,7 @@ def train(task_cls, args):
         if main:
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
-    config = {"args": vars(args), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters())}
+    config = {"args": runlog.portable_args(vars(args)), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters())}
     if main:
         config.update(runlog.environment(device))
         if distributed.world_size() > 1:
