@@ -224,7 +224,23 @@ def paper_figure(task_cls, model):
     return task_cls.paper if model == "lem" else None
 
 
-RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds", "backend"}
+RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds", "backend", "run_name"}
+
+
+def rerun_command(task_cls, args):
+    """The command line (argv) that repeats this run: the experiment's train.py with every
+    hyper-parameter spelled out, this seed and this backend; what lem.reproduce runs."""
+    script = runlog.portable(inspect.getfile(task_cls))
+    argv = [script]
+    for action in build_parser(task_cls)._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in RUN_ONLY_FLAGS - {"backend"} or value in (None, False):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(action.option_strings[0])
+        else:
+            argv += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+    return argv
 
 
 def check_same_arguments(saved, given):
@@ -300,7 +316,8 @@ def train(task_cls, args):
         if main:
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
-    config = {"args": runlog.portable_args(vars(args)), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters())}
+    config = {"args": runlog.portable_args(vars(args)), "experiment": task_cls.name,
+              "parameters": sum(p.numel() for p in model.parameters()), "rerun": rerun_command(task_cls, args)}
     if main:
         config.update(runlog.environment(device))
         if distributed.world_size() > 1:
@@ -381,7 +398,7 @@ def train(task_cls, args):
             print(f"stopped; continue with the same command and --resume ({out.folder})", file=sys.stderr)
     summary = out.write_summary(state, status, config)
     if status == "finished" and main:
-        print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {task_cls.paper}); logs in {out.folder}")
+        print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {summary['paper']}); logs in {out.folder}")
     if status == "nan":
         sys.exit(1)
     return summary

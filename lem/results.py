@@ -11,9 +11,10 @@ import re
 import statistics
 from pathlib import Path
 
+from .harness import RUN_ONLY_FLAGS
 from .runlog import REPO_ROOT
 
-NOT_HYPERPARAMETERS = {"seed", "seeds", "run_name", "resume", "device", "data_dir", "out_dir", "max_time"}
+NOT_HYPERPARAMETERS = RUN_ONLY_FLAGS | {"seed"}  # runs that differ only in these are one setting
 
 
 def load_runs(folders):

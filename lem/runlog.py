@@ -80,6 +80,7 @@ def environment(device):
     else:
         hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return {"versions": versions, "git_commit": commit, "device": str(device), "hardware": hardware,
+            "torch_threads": torch.get_num_threads(),
             "command": " ".join([portable(sys.argv[0]), *sys.argv[1:]])}
 
 
