@@ -29,16 +29,17 @@ def metrics(record):
     return {k: v for k, v in record.items() if isinstance(v, dict)}
 
 
-def rerun(run_dir, epochs=None, workdir=None):
-    """Run the recorded command again; returns the new run's log records."""
+def rerun(run_dir, epochs=None, data_dir=None):
+    """Run the recorded command again (data from data_dir if given, else the recorded folder);
+    returns the new run's log records."""
     config = json.loads((Path(run_dir) / "config.json").read_text())
     argv = list(config["rerun"])
     if epochs is not None:
         if "--epochs" not in argv:
             raise SystemExit(f"{run_dir}: this experiment counts iterations, not epochs; re-run it whole")
         argv[argv.index("--epochs") + 1] = str(epochs)
-    with tempfile.TemporaryDirectory(dir=workdir) as out:
-        data_dir = REPO_ROOT / config["args"]["data_dir"]  # recorded relative to the repository, or absolute
+    data_dir = data_dir or REPO_ROOT / config["args"]["data_dir"]  # recorded relative to the repository, or absolute
+    with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, str(REPO_ROOT / argv[0]), *argv[1:], "--device", config["device"],
                    "--data-dir", str(data_dir), "--out-dir", out, "--run-name", "rerun"]
         env = dict(os.environ, OMP_NUM_THREADS=str(config.get("torch_threads", 1)),
@@ -63,9 +64,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder holding config.json and log.jsonl")
     p.add_argument("--epochs", type=int, default=None, help="re-run and compare only the first N epochs")
+    p.add_argument("--data-dir", dest="data_dir", default=None, help="default: the folder the run recorded")
     args = p.parse_args(argv)
     recorded = read_records(args.run_dir)
-    repeated = rerun(args.run_dir, args.epochs)
+    repeated = rerun(args.run_dir, args.epochs, args.data_dir)
     if len(repeated) < (args.epochs or len(recorded)):
         sys.exit(f"the re-run stopped after {len(repeated)} records")
     wrong = differences(recorded, repeated)
