@@ -37,7 +37,9 @@ class Task:
     name = None               # the experiment folder, e.g. "fitzhugh_nagumo"
     metric = None             # key of evaluate()'s dict used for model selection and reports
     higher_is_better = False
-    paper = None              # the paper's figure (SPEC §2)
+    paper = None              # the paper's figure (SPEC §2): LEM's, or {model: figure} where the paper
+                              # reports its baselines too
+    baseline = None           # the metric of a trivial predictor, drawn beside the curves (adding: 0.167)
     defaults = {}             # paper hyper-parameters of the common flags (SPEC §3)
     eval_splits = ("valid", "test")
 
@@ -308,7 +310,8 @@ class Run:
         summary = {
             "experiment": t.name, "model": config["args"]["model"], "seed": config["args"]["seed"],
             "run_name": self.folder.name, "metric": t.metric, "higher_is_better": t.higher_is_better,
-            "paper": t.paper, "status": status, "epochs_done": state["epoch"], "steps": state["step"],
+            "paper": paper_figure(t, config["args"]["model"]), "baseline": t.baseline,
+            "status": status, "epochs_done": state["epoch"], "steps": state["step"],
             "wall_time_s": round(state["elapsed"], 1),
             "best_epoch": selected["epoch"] if selected else None,
             "valid": selected["valid"][t.metric] if selected and "valid" in selected else None,
@@ -319,7 +322,30 @@ class Run:
         return summary
 
 
-RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds", "backend"}
+def paper_figure(task_cls, model):
+    """The paper's figure for `model`: Task.paper is LEM's figure, or a dict by model."""
+    if isinstance(task_cls.paper, dict):
+        return task_cls.paper.get(model)
+    return task_cls.paper if model == "lem" else None
+
+
+RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds", "backend", "run_name"}
+
+
+def rerun_command(task_cls, args):
+    """The command line (argv) that repeats this run: the experiment's train.py with every
+    hyper-parameter spelled out, this seed and this backend; what lem.reproduce runs."""
+    script = runlog.portable(inspect.getfile(task_cls))
+    argv = [script]
+    for action in build_parser(task_cls)._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in RUN_ONLY_FLAGS - {"backend"} or value in (None, False):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(action.option_strings[0])
+        else:
+            argv += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+    return argv
 
 
 def check_same_arguments(saved, given):
@@ -400,7 +426,8 @@ def fit(task, out, args, device):
         if main:
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
-    config = {"args": vars(args), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters())}
+    config = {"args": runlog.portable_args(vars(args)), "experiment": task_cls.name,
+              "parameters": sum(p.numel() for p in model.parameters()), "rerun": rerun_command(task_cls, args)}
     if main:
         config.update(runlog.environment(device))
         if distributed.world_size() > 1:
@@ -485,7 +512,7 @@ def fit(task, out, args, device):
             print(f"stopped; continue with the same command and --resume ({out.folder})", file=sys.stderr)
     summary = out.write_summary(state, status, config)
     if status == "finished" and main:
-        print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {task_cls.paper}); logs in {out.folder}")
+        print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {summary['paper']}); logs in {out.folder}")
     if status == "nan":
         sys.exit(1)
     return summary

@@ -102,6 +102,20 @@ def lock(path):
     return fd
 
 
+def portable(path):
+    """A path as a record keeps it: relative to the repository when inside it, so that run
+    records copied elsewhere (docs/runs) name no folder of the machine that ran them."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
+def portable_args(args):
+    """The arguments of a run with its folders made portable (see portable)."""
+    return {k: portable(v) if k in ("data_dir", "out_dir") else v for k, v in args.items()}
+
+
 def environment(device):
     """What config.json records beside the arguments: versions, commit, hardware."""
     import numpy
@@ -123,7 +137,8 @@ def environment(device):
     else:
         hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return {"versions": versions, "git_commit": commit, "device": str(device), "hardware": hardware,
-            "command": " ".join(sys.argv)}
+            "torch_threads": torch.get_num_threads(),
+            "command": " ".join([portable(sys.argv[0]), *sys.argv[1:]])}
 
 
 def format_record(record):
