@@ -66,11 +66,13 @@ def launches(tier, H, dtype, every_variant=True):
 def _signature(kernel, args, constexprs):
     """Triton's signature, constants and attributes for these arguments, specialised as its JIT
     specialises them: pointers (all 16-byte aligned here) and ints divisible by 16 get the
-    divisibility hint, an int equal to 1 becomes a constant (unless do_not_specialize)."""
+    divisibility hint, None and an int equal to 1 become constants (unless do_not_specialize)."""
     signature, constants, attrs = {}, dict(constexprs), {}
     for i, (param, arg) in enumerate(zip(kernel.params, args)):
         name = param.name
-        if isinstance(arg, torch.Tensor):
+        if arg is None:  # an unused pointer (HAS_MASK or KEEP off)
+            signature[name], constants[name] = "constexpr", None
+        elif isinstance(arg, torch.Tensor):
             signature[name] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[arg.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(arg, float):

@@ -132,8 +132,9 @@ def _float(mask):
 
 
 class FusedLEMGPU(torch.autograd.Function):
-    """(x, W_in, b_in, y0, z0, W_hh, b_hh, W_tz, b_tz, mask) -> (ys, z_T), the contract of
-    cpu.FusedLEMCPU, run by one GPU tier with products in the GEMM dtype `gemm`."""
+    """apply(tier, gemm, gpu, x, W_in, b_in, y0, z0, W_hh, b_hh, W_tz, b_tz, mask, dt) -> (ys, z_T):
+    the layer run by one GPU tier with its products in the dtype `gemm`; `gpu` (a GPU) names the
+    device in a failure's warning. After the first three, the arguments of cpu.FusedLEMCPU."""
 
     @staticmethod
     def forward(ctx, tier, gemm, gpu, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
@@ -141,13 +142,14 @@ class FusedLEMGPU(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             ys, zs, acts = forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep)
         ctx.tier, ctx.gemm, ctx.gpu, ctx.dt = tier, gemm, gpu, dt
-        ctx.save_for_backward(x, w_in, y0, z0, w_hh, w_tz, mask, ys, zs, acts)
+        ctx.dtypes = [t.dtype for t in (x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz)]  # of the gradients
+        ctx.save_for_backward(x, w_in, w_hh, w_tz, mask, ys, zs, acts)
         return ys[1:].to(gemm), zs[-1].to(gemm)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys, grad_zT):
-        x, w_in, y0, z0, w_hh, w_tz, mask, ys, zs, acts = ctx.saved_tensors
+        x, w_in, w_hh, w_tz, mask, ys, zs, acts = ctx.saved_tensors
         args = (ctx.gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, mask, ctx.dt, ctx.needs_input_grad[3])
         with torch.autocast(x.device.type, enabled=False):
             try:
@@ -155,7 +157,6 @@ class FusedLEMGPU(torch.autograd.Function):
             except Exception as error:  # the tiers keep the same tensors: the stepwise backward can take over
                 if ctx.tier == "stepwise" or isinstance(error, torch.OutOfMemoryError):
                     raise
-                _fail(ctx.tier, ctx.gpu, y0.size(1), ctx.gemm, error)
+                _fail(ctx.tier, ctx.gpu, ys.size(2), ctx.gemm, error)
                 grads = backward("stepwise", *args)
-        dtypes = (x.dtype, w_in.dtype, w_in.dtype, y0.dtype, z0.dtype, w_hh.dtype, w_hh.dtype, w_tz.dtype, w_tz.dtype)
-        return (None, None, None, *(None if g is None else g.to(d) for g, d in zip(grads, dtypes)), None, None)
+        return (None, None, None, *(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)), None, None)

@@ -4,7 +4,8 @@ Each program owns BB batch rows for the whole sequence (rows never interact). It
 H x H recurrent weight blocks once, before its time loop; Triton keeps them on chip (in shared
 memory as the operand of tl.dot, which the loop reuses), so a step reads from global memory only
 its inputs and writes only its outputs. That needs 4·H² weights per program: the dispatcher
-(gpu.py) sends a configuration here only where `python -m lem.kernels.fit` shows it fits.
+(gpu.py) sends a call here only where `shared_memory` is within the GPU's shared memory per
+block (an upper bound that tests/test_fit.py checks against what Triton allocates).
 
 Layouts (gpu.py): u_proj and the saved activations are (T, B, 4H) in the order
 [gate y, gate z, cand z, cand y]; ys, zs are (T + 1, B, H) with y_0, z_0 as step 0.
@@ -16,12 +17,12 @@ from .launch import launch, tanh
 
 
 @triton.jit
-def _block(ptr, row0, r, c, H, TRANSPOSE: tl.constexpr):
+def _block(ptr, row0, j, H, TRANSPOSE: tl.constexpr):
     """Rows row0 .. row0 + H of a row-major (?, H) matrix, as [in, out] when TRANSPOSE, padded with 0."""
-    m = (r[:, None] < H) & (c[None, :] < H)
+    m = (j[:, None] < H) & (j[None, :] < H)
     if TRANSPOSE:
-        return tl.load(ptr + (row0 + c[None, :]) * H + r[:, None], mask=m, other=0.0)
-    return tl.load(ptr + (row0 + r[:, None]) * H + c[None, :], mask=m, other=0.0)
+        return tl.load(ptr + (row0 + j[None, :]) * H + j[:, None], mask=m, other=0.0)
+    return tl.load(ptr + (row0 + j[:, None]) * H + j[None, :], mask=m, other=0.0)
 
 
 @triton.jit
@@ -34,10 +35,10 @@ def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, ys_ptr, zs_ptr, acts_p
     ok = (b[:, None] < B) & (j[None, :] < H)
     bh = b[:, None] * H + j[None, :]
     b4 = b[:, None] * 4 * H + j[None, :]
-    w_gy = _block(whh_ptr, 0, j, j, H, True)  # hid2hid rows [gate y, gate z, cand z] as [in, out]
-    w_gz = _block(whh_ptr, H, j, j, H, True)
-    w_cz = _block(whh_ptr, 2 * H, j, j, H, True)
-    w_cy = _block(wtz_ptr, 0, j, j, H, True)
+    w_gy = _block(whh_ptr, 0, j, H, True)  # hid2hid rows [gate y, gate z, cand z] as [in, out]
+    w_gz = _block(whh_ptr, H, j, H, True)
+    w_cz = _block(whh_ptr, 2 * H, j, H, True)
+    w_cy = _block(wtz_ptr, 0, j, H, True)
     jm = j < H
     b_gy = tl.load(bias_ptr + j, mask=jm, other=0.0)[None, :]
     b_gz = tl.load(bias_ptr + H + j, mask=jm, other=0.0)[None, :]
@@ -80,10 +81,10 @@ def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, du_
     ok = (b[:, None] < B) & (j[None, :] < H)
     bh = b[:, None] * H + j[None, :]
     b4 = b[:, None] * 4 * H + j[None, :]
-    w_gy = _block(whh_ptr, 0, j, j, H, False)  # as [out, in]: dL/d(in) = dL/d(out) @ W
-    w_gz = _block(whh_ptr, H, j, j, H, False)
-    w_cz = _block(whh_ptr, 2 * H, j, j, H, False)
-    w_cy = _block(wtz_ptr, 0, j, j, H, False)
+    w_gy = _block(whh_ptr, 0, j, H, False)  # as [out, in]: dL/d(in) = dL/d(out) @ W
+    w_gz = _block(whh_ptr, H, j, H, False)
+    w_cz = _block(whh_ptr, 2 * H, j, H, False)
+    w_cy = _block(wtz_ptr, 0, j, H, False)
     gy = tl.zeros((BB, HP), dtype=tl.float32)  # dL/dy_n through the leaky carry
     gz = tl.load(gz_ptr + bh, mask=ok, other=0.0)
     dym = tl.zeros((BB, HP), dtype=tl.float32)  # dL/d(y_n ⊙ mask) through hid2hid of step n + 1
@@ -118,7 +119,7 @@ def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, du_
 BB = 16  # batch rows per program: the fewest tl.dot takes, so that a batch spreads over the most SMs
 
 
-def config(H, gemm_dtype):
+def config(H):
     """Compile-time sizes and warps of both kernels for hidden size H (checked by lem.kernels.fit)."""
     HP = max(16, triton.next_power_of_2(H))
     return dict(BB=BB, HP=HP), 4 if HP <= 32 else 8  # 16 warps made the H = 64 forward spill
@@ -126,24 +127,23 @@ def config(H, gemm_dtype):
 
 def shared_memory(H, gemm_dtype):
     """Upper bound of the shared memory per block of either kernel, in bytes: the four weight blocks,
-    four staging tiles of BB x HP float32 for the tl.dot operands, and 1 KiB Triton reserves on sm_90.
-    The fit test checks it against what Triton allocates on every target."""
-    HP = config(H, gemm_dtype)[0]["HP"]
-    return 4 * HP * HP * gemm_dtype.itemsize + 4 * BB * HP * 4 + 1024
+    four staging tiles of BB x HP float32 for the tl.dot operands, 1 KiB of static shared memory
+    (sm_90) and 1 KiB to spare. The fit test checks it against what Triton allocates on every target."""
+    HP = config(H)[0]["HP"]
+    return 4 * HP * HP * gemm_dtype.itemsize + 4 * BB * HP * 4 + 2048
 
 
 def forward(u, bias, w_hh, w_tz, mask, ys, zs, acts, dt):
     """Fills ys[1:], and zs[1:] and acts when acts is given (else zs (1, B, H) goes from z_0 to z_T)."""
     T, B, H = u.size(0), u.size(1), ys.size(2)
-    meta, num_warps = config(H, w_hh.dtype)
-    launch(_forward, (triton.cdiv(B, BB),), u, bias, w_hh, w_tz, ys if mask is None else mask, ys, zs,
-           ys if acts is None else acts, T, B, H, dt, HAS_MASK=mask is not None, KEEP=acts is not None,
-           num_warps=num_warps, **meta)
+    meta, num_warps = config(H)
+    launch(_forward, (triton.cdiv(B, BB),), u, bias, w_hh, w_tz, mask, ys, zs, acts, T, B, H, dt,
+           HAS_MASK=mask is not None, KEEP=acts is not None, num_warps=num_warps, **meta)
 
 
 def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, du, gy, gz, dt):
     """Fills du (T, B, 4H); gy, gz: dL/dy_0, dL/dz_0 on exit (gz holds dL/dz_T on entry)."""
     T, B, H = acts.size(0), acts.size(1), ys.size(2)
-    meta, num_warps = config(H, w_hh.dtype)
-    launch(_backward, (triton.cdiv(B, BB),), grad_ys, acts, ys, zs, w_hh, w_tz, ys if mask is None else mask,
-           du, gy, gz, T, B, H, dt, HAS_MASK=mask is not None, num_warps=num_warps, **meta)
+    meta, num_warps = config(H)
+    launch(_backward, (triton.cdiv(B, BB),), grad_ys, acts, ys, zs, w_hh, w_tz, mask, du, gy, gz, T, B, H, dt,
+           HAS_MASK=mask is not None, num_warps=num_warps, **meta)

@@ -8,7 +8,8 @@ Forward, step n:  h = (y_{n-1} ⊙ mask) W_hhᵀ        GEMM into a (B, 3H) buff
                   y_n                            _forward_y (also writes y_n ⊙ mask for the next GEMM)
 Backward mirrors it with the transposed products (dL/dz_n += dL/dq W_y, dL/d(y ⊙ mask) = dL/da W_hh).
 All buffers exist before the time loop, which neither allocates nor synchronises with the host,
-so a whole call can be captured in a CUDA graph. Layouts as in onchip.py.
+so that a whole call can be captured in a CUDA graph (not tried yet: no GPU was available).
+Layouts as in onchip.py.
 """
 import torch
 import triton
@@ -115,7 +116,7 @@ def forward(u, bias, w_hh, w_tz, mask, ys, zs, acts, dt):
         torch.mm(ymg, w_hh_t, out=h)
         launch(_forward_z, grid, u, bias, h, zs, zg, a, n, int(keep), int(keep), B, H, dt, BLOCK=BLOCK)
         torch.mm(zg, w_tz_t, out=q)
-        launch(_forward_y, grid, u, bias, q, ys, ymg, _or(mask, ys), a, n, int(keep), B, H, dt,
+        launch(_forward_y, grid, u, bias, q, ys, ymg, mask, a, n, int(keep), B, H, dt,
                HAS_MASK=mask is not None, BLOCK=BLOCK)
 
 
@@ -125,14 +126,10 @@ def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, du, gy, gz, dt):
     dzy, dym = du.new_empty(B, H), du.new_zeros(B, H)
     grid = (triton.cdiv(B * H, BLOCK),)
     for n in reversed(range(T)):
-        launch(_backward_y, grid, grad_ys, acts, ys, gy, dym, _or(mask, ys), du, n, B, H, dt,
+        launch(_backward_y, grid, grad_ys, acts, ys, gy, dym, mask, du, n, B, H, dt,
                HAS_MASK=mask is not None, BLOCK=BLOCK)
         torch.mm(du[n, :, 3 * H:], w_tz, out=dzy)
         launch(_backward_z, grid, acts, zs, gz, dzy, du, n, B, H, dt, BLOCK=BLOCK)
         torch.mm(du[n, :, :3 * H], w_hh, out=dym)
     gy += dym if mask is None else dym * mask
 
-
-def _or(mask, other):
-    """Triton takes no None: a placeholder pointer where HAS_MASK is off."""
-    return other if mask is None else mask
