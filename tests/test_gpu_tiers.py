@@ -149,3 +149,8 @@ def test_experiment_sizes_run_without_falling_back(T, B, H, I):
     assert_close_relative(ys, ref(x)[0], f"H = {H}", 1e-3)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fused(x)[0].float().square().sum().backward()
+
+
+@pytest.mark.skipif(INTERPRETED, reason="asks this GPU")
+def test_auto_picks_a_fused_tier_on_this_gpu():
+    assert {kernels.resolve("auto", DEVICE, H, torch.float32) for H in range(1, 1025)} <= {"onchip", "stepwise"}
