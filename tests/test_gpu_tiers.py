@@ -10,12 +10,14 @@ import warnings
 
 import pytest
 import torch
-from triton.runtime.errors import OutOfResources
 
-import lem
-from lem import kernels
-from lem.kernels import gpu, onchip, stepwise
-from test_kernels import assert_close_relative, assert_matches
+pytest.importorskip("triton")
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+import lem  # noqa: E402
+from lem import kernels  # noqa: E402
+from lem.kernels import gpu, onchip, stepwise  # noqa: E402
+from test_kernels import assert_close_relative, assert_matches  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
