@@ -1,6 +1,7 @@
 """Speed of the LEM backends against the reference loop and nn.LSTM (docs/kernels.md).
 
     python -m lem.bench                      # every configuration, CPU and (if present) CUDA
+    python -m lem.bench --devices cuda       # CUDA: the reference loop, each GPU tier, nn.LSTM (cuDNN)
     python -m lem.bench --configs fhn smnist_h128 --devices cpu --threads 1
 
 For each configuration and device: forward+backward and forward-only wall time (median of
@@ -86,9 +87,17 @@ def forward_only(module, x):
     return run
 
 
-def backends_for(device):
-    names = ["reference", "cpp"] if device.type == "cpu" else ["reference", "triton"]
-    return [n for n in names if n == "reference" or kernels.resolve(n, device) == n]
+def backends_for(device, H):
+    """The loops to time: the reference, and on CPU the fused one, on CUDA every GPU tier that runs at H."""
+    names = ["reference", "cpp"] if device.type == "cpu" else ["reference", "onchip", "stepwise"]
+    return [n for n in names if n == "reference" or runs(n, device, H)]
+
+
+def runs(backend, device, H):
+    try:
+        return kernels.resolve(backend, device, H) == backend
+    except ValueError:  # 'onchip' where the weights do not fit this GPU
+        return False
 
 
 def bench_config(name, device, repeats, budget_s):
@@ -96,8 +105,7 @@ def bench_config(name, device, repeats, budget_s):
     T, B, H, I = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(T, B, I, device=device)
-    modules = {backend: LEM(I, H, backend=backend).to(device) for backend in backends_for(device)
-               if backend != "triton" or H <= kernels.gpu_max_h()}  # else LEM runs the reference loop
+    modules = {backend: LEM(I, H, backend=backend).to(device) for backend in backends_for(device, H)}
     modules["nn.LSTM"] = nn.LSTM(I, H).to(device)
     fb = interleaved_medians({k: forward_backward(m, x) for k, m in modules.items()}, device, repeats, budget_s)
     f = interleaved_medians({k: forward_only(m, x) for k, m in modules.items()}, device, repeats, budget_s)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import distributed, runlog
+from . import distributed, kernels, runlog
 from .data import data_dir as resolve_data_dir
 from .model import LEM
 
@@ -118,7 +118,7 @@ def build_parser(task_cls):
     p.add_argument("--grad_norm", type=float, default=d["grad_norm"], help="gradient-norm clip, 0 = off")
     p.add_argument("--lr_decay_epoch", type=int, default=d["lr_decay_epoch"], help="lr/10 from this epoch on")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton"],
+    p.add_argument("--backend", default="auto", choices=kernels.BACKENDS,
                    help="how LEM layers run their time loop (docs/kernels.md)")
     p.add_argument("--data-dir", dest="data_dir", default=None,
                    help="data folder (default: $LEM_DATA, else data/ at the repository root)")

@@ -94,8 +94,10 @@ class LEM(_LEMParameters):
     step; the leaky carry (1 − Δt̄_n) ⊙ y_{n-1} and the outputs are not masked.
 
     backend: how the time loop runs (lem/kernels, docs/kernels.md): 'reference' (the loop below),
-    'cpp' (fused CPU), 'triton' (fused GPU), or 'auto' (the fused one for the tensors' device,
-    'reference' with a warning if it cannot be built). Every backend honours state and state_dropout.
+    'cpp' (fused CPU), 'triton' (fused GPU, the tier that fits; or a tier by name: 'onchip',
+    'stepwise'), or 'auto' (the fused one for the tensors' device, 'reference' with a warning if it
+    cannot be built or launched). Every backend honours state and state_dropout. Under torch.autocast
+    the outputs come in the autocast dtype, as nn.LSTM's do.
     """
 
     def __init__(self, input_size, hidden_size, dt=1.0, batch_first=False, state_dropout=0.0, backend="auto"):
@@ -125,11 +127,16 @@ class LEM(_LEMParameters):
         y, z = self._initial_state(state, x.size(1), x)
         y_mask = self.state_dropout_mask(x.size(1), x)
         backend = kernels.resolve(self.backend, x.device, self.hidden_size, x.dtype)
-        if backend == "reference":
+        out = None
+        if backend != "reference":  # None: the GPU tiers failed to launch (warned)
+            out = kernels.fused(backend, x, self.inp2hid, y, z, self.hid2hid, self.transform_z, y_mask, self.dt)
+        if out is None:
             u_proj = self.inp2hid(x)  # the input projection of all T steps in one GEMM
-            ys, z = self._reference_loop(u_proj, y, z, y_mask)
-        else:
-            ys, z = kernels.fused(backend, x, self.inp2hid, y, z, self.hid2hid, self.transform_z, y_mask, self.dt)
+            out = self._reference_loop(u_proj, y, z, y_mask)
+        ys, z = out
+        dtype = kernels.gemm_dtype(x.device, x.dtype)  # under autocast, every backend's outputs in its dtype
+        if dtype is not None and ys.dtype != dtype:
+            ys, z = ys.to(dtype), z.to(dtype)
         y = ys[-1]
         if self.batch_first:
             ys = ys.transpose(0, 1)

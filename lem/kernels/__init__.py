@@ -2,19 +2,24 @@
 
     reference  the autograd loop in lem/model.py (the ground truth of the tests)
     cpp        fused CPU path: forward and backward loops in C++ (lem_cpu.cpp), built on first use
-    triton     fused GPU path: one Triton kernel for the forward, one for the backward (gpu.py)
+    triton     fused GPU path (gpu.py), in the fastest of its tiers that fits the call and the GPU:
+    onchip       one Triton launch for all T steps, weights in shared memory (onchip.py)
+    stepwise     per step cuBLAS GEMMs and fused Triton elementwise kernels, any H (stepwise.py)
     auto       cpp for CPU tensors, triton for CUDA tensors
 
-A fused path that cannot be built falls back to `reference` with one warning. The Triton kernels
-keep all recurrent weights on chip, so they take float32 and H <= gpu.MAX_H; other calls that
-would go to them run on `reference` (cuBLAS per step).
+A fused path that cannot be built falls back to `reference` with one warning; a GPU tier whose
+kernels fail to compile or launch falls to the next tier down (onchip, stepwise, reference), with
+one warning. The GPU tiers run float32, bfloat16 and float16 inputs, and torch.autocast; float64
+runs on `reference`.
 """
 import os
 import warnings
 
 import torch
 
-BACKENDS = ("auto", "reference", "cpp", "triton")
+BACKENDS = ("auto", "reference", "cpp", "triton", "onchip", "stepwise")
+GPU_BACKENDS = ("triton", "onchip", "stepwise")
+GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the GPU tiers run
 _broken = {}  # backend -> the error that made it unusable in this process
 
 
@@ -28,20 +33,32 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(name, device, hidden_size=1, dtype=torch.float32):
-    """The backend that runs a call with tensors on `device`."""
+def gemm_dtype(device, dtype):
+    """The dtype of the recurrent products (and of the layer's outputs) for inputs of `dtype`: under
+    torch.autocast its dtype, as nn.LSTM's outputs are; None for float64 (no GPU tier runs it)."""
+    if dtype in GEMM_DTYPES and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype if dtype in GEMM_DTYPES else None
+
+
+def resolve(name, device, hidden_size=1, dtype=torch.float32, gpu=None):
+    """The backend (for GPU tensors: the tier) that runs a call with tensors of `dtype` on `device`.
+    gpu: a gpu.GPU(capability, shared memory per block) to decide for instead of the device's own
+    (e.g. GPU(86, 101376): what would run on an RTX 30xx)."""
     check_backend(name)
     if name == "auto":
         name = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "reference"
     if name == "cpp" and device.type != "cpu":
         raise ValueError(f"backend 'cpp' runs on CPU tensors, got tensors on {device}")
-    if name == "triton" and device.type != "cuda" and not triton_interpreted():
-        raise ValueError(f"backend 'triton' runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}")
-    if name != "reference" and not _usable(name):
+    if name in GPU_BACKENDS and device.type != "cuda" and not triton_interpreted():
+        raise ValueError(f"backend {name!r} runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}")
+    if name == "reference" or not _usable("cpp" if name == "cpp" else "triton"):
         return "reference"
-    if name == "triton" and (dtype != torch.float32 or hidden_size > gpu_max_h()):
-        return "reference"
-    return name
+    if name == "cpp":
+        return name
+    from .gpu import tiers
+    found = tiers(name, device, hidden_size, dtype, gpu)
+    return found[0] if found else "reference"
 
 
 def _usable(name):
@@ -61,17 +78,13 @@ def _usable(name):
     return _broken[name] is None
 
 
-def gpu_max_h():
-    """Largest hidden size the Triton kernels take (their weights must fit on chip)."""
-    from .gpu import MAX_H
-    return MAX_H
-
-
 def fused(name, x, inp2hid, y0, z0, hid2hid, transform_z, mask, dt):
-    """ys (T, B, H), z_T of the fused backend `name` (already resolved) for x (T, B, I)."""
-    args = (y0, z0, hid2hid.weight, hid2hid.bias, transform_z.weight, transform_z.bias, mask, dt)
+    """ys (T, B, H), z_T of the fused backend `name` (as resolved) for x (T, B, I); None when the GPU
+    tier and every tier below it failed to launch: then the caller runs the reference loop."""
+    args = (x, inp2hid.weight, inp2hid.bias, y0, z0, hid2hid.weight, hid2hid.bias, transform_z.weight,
+            transform_z.bias, mask, dt)
     if name == "cpp":
         from .cpu import lem_cpu
-        return lem_cpu(x, inp2hid.weight, inp2hid.bias, *args)  # it does the input projection itself
-    from .gpu import lem_triton
-    return lem_triton(inp2hid(x), *args)
+        return lem_cpu(*args)
+    from . import gpu
+    return gpu.run(name, *args)

@@ -1,164 +1,162 @@
-"""The fused GPU path in Triton (compiled to a CUDA kernel on first use, no nvcc).
+"""The fused GPU path (Triton, compiled on first use; no nvcc): which tier runs a call, and the work
+both tiers share (docs/kernels.md).
 
-One launch runs all T forward steps, one runs all T backward steps. Each program owns a block of
-batch rows; the recurrent weights are loaded once before its time loop and stay on chip. As on
-the CPU path, the input projection of all steps is one GEMM before the kernel, backward
-recomputes the gate pre-activations with two GEMMs, and the weight gradients are GEMMs after it.
-The whole (H x 4H) weight set must fit a program's registers/shared memory: H <= MAX_H.
-Run on CPU tensors under TRITON_INTERPRET=1 (how the tests check it).
+    onchip    one launch for all T forward steps, one for all T backward steps; the recurrent
+              weights stay in shared memory (onchip.py). Only where they fit the GPU.
+    stepwise  per step a cuBLAS GEMM per recurrent product and a Triton kernel per half-step
+              (stepwise.py). Any H.
+
+Both tiers take the same buffers, so either backward can follow either forward:
+    u      (T, B, 4H)   the input projection x W_inᵀ of all steps, one GEMM before the loop, with the
+                        gate/candidate blocks as [gate y, gate z, cand z, cand y]: the first 3H are
+                        hid2hid's rows, the last H transform_z's (inp2hid's own order swaps the two
+                        candidates); all biases are summed into one float32 (4H) vector
+    ys, zs (T + 1, B, H) float32, y_0 and z_0 as step 0
+    acts   (T, B, 4H)   float32 σ(gate y), σ(gate z), tanh(cand z), tanh(cand y) of every step: what
+                        the derivatives need (as the CPU path keeps), so backward computes no exp/tanh
+                        and repeats no product of the forward
+After backward's loop, the weight gradients are single GEMMs over all T·B rows.
+
+Precision: the products take their inputs in the GEMM dtype, float32 or, under torch.autocast, the
+autocast dtype (bfloat16/float16, with float32 accumulation); state, gates and their derivatives are
+float32. The outputs are in the GEMM dtype, as nn.LSTM's are under autocast.
 """
-import torch
-import triton
-import triton.language as tl
+import warnings
+from collections import namedtuple
 
-MAX_H = 128
-BLOCK_B = 16  # rows per program (tl.dot needs >= 16)
+import torch
+
+from . import gemm_dtype, onchip, stepwise
+
+TIERS = {"onchip": onchip, "stepwise": stepwise}  # fastest first
+GPU = namedtuple("GPU", "capability shared_memory")  # e.g. (86, 101376): sm_86, bytes per block (opt-in)
+INTERPRETER_GPU = GPU(90, 232448)  # what the dispatcher assumes under TRITON_INTERPRET=1: an H100
+_failed = {}  # (tier, capability, H, gemm dtype) -> the error of its failed launch
 
 
 def load():
     """Raises if Triton cannot be used here (the caller falls back to the reference loop)."""
+    import triton
     return triton.__version__
 
 
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+def gpu_of(device):
+    if device.type != "cuda":
+        return INTERPRETER_GPU
+    p = torch.cuda.get_device_properties(device)
+    return GPU(p.major * 10 + p.minor, p.shared_memory_per_block_optin)
 
 
-@triton.jit
-def _w(ptr, row0, rows, cols, H, TRANSPOSE: tl.constexpr):
-    """The (H, H) block rows row0.. of a row-major (?, H) weight, as [in, out] if TRANSPOSE."""
-    r, c = rows[:, None], cols[None, :]
-    m = (r < H) & (c < H)
-    if TRANSPOSE:
-        return tl.load(ptr + (row0 + c) * H + r, mask=m, other=0.0)
-    return tl.load(ptr + (row0 + r) * H + c, mask=m, other=0.0)
+def tiers(name, device, H, dtype, gpu=None):
+    """The tiers to try for a call, best first: `name` is 'triton' (the dispatcher's choice) or a
+    tier. 'onchip' only where its weights fit the GPU's shared memory per block."""
+    gemm = gemm_dtype(device, dtype)
+    if gemm is None:
+        return []
+    gpu = gpu or gpu_of(device)
+    fits = onchip.shared_memory(H, gemm) <= gpu.shared_memory
+    if name == "onchip" and not fits:
+        raise ValueError(f"backend 'onchip' needs {onchip.shared_memory(H, gemm):,} B of shared memory per block at "
+                         f"H = {H} in {gemm}, this GPU has {gpu.shared_memory:,} B; use 'triton' or 'stepwise'")
+    names = ["stepwise"] if name == "stepwise" or not fits else ["onchip", "stepwise"]
+    return [t for t in names if (t, gpu.capability, H, gemm) not in _failed]
 
 
-@triton.jit
-def _lem_fwd(u_ptr, y_ptr, z_ptr, whh_ptr, bhh_ptr, wtz_ptr, btz_ptr, mask_ptr, ys_ptr, zs_ptr,
-             T, B, H, dt, HAS_MASK: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
-    b = tl.program_id(0) * BB + tl.arange(0, BB)
-    j = tl.arange(0, HP)
-    row_ok = b[:, None] < B
-    ok = row_ok & (j[None, :] < H)
-    bh = b[:, None] * H + j[None, :]
-    w_gy = _w(whh_ptr, 0, j, j, H, True)  # hid2hid rows [gate y, gate z, cand z], as [in, out]
-    w_gz = _w(whh_ptr, H, j, j, H, True)
-    w_cz = _w(whh_ptr, 2 * H, j, j, H, True)
-    w_y = _w(wtz_ptr, 0, j, j, H, True)
-    jm = j < H
-    b_gy = tl.load(bhh_ptr + j, mask=jm, other=0.0)[None, :]
-    b_gz = tl.load(bhh_ptr + H + j, mask=jm, other=0.0)[None, :]
-    b_cz = tl.load(bhh_ptr + 2 * H + j, mask=jm, other=0.0)[None, :]
-    b_y = tl.load(btz_ptr + j, mask=jm, other=0.0)[None, :]
-    y = tl.load(y_ptr + bh, mask=ok, other=0.0)
-    z = tl.load(z_ptr + bh, mask=ok, other=0.0)
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + bh, mask=ok, other=0.0)
-    for t in range(T):
-        u = u_ptr + (t * B + b[:, None]) * 4 * H + j[None, :]
-        ym = y * keep if HAS_MASK else y
-        dty = dt * tl.sigmoid(tl.load(u, mask=ok, other=0.0) + tl.dot(ym, w_gy, input_precision="ieee") + b_gy)
-        dtz = dt * tl.sigmoid(tl.load(u + H, mask=ok, other=0.0) + tl.dot(ym, w_gz, input_precision="ieee") + b_gz)
-        cz = _tanh(tl.load(u + 3 * H, mask=ok, other=0.0) + tl.dot(ym, w_cz, input_precision="ieee") + b_cz)
-        z = (1.0 - dtz) * z + dtz * cz
-        cy = _tanh(tl.load(u + 2 * H, mask=ok, other=0.0) + tl.dot(z, w_y, input_precision="ieee") + b_y)
-        y = (1.0 - dty) * y + dty * cy
-        tl.store(ys_ptr + t * B * H + bh, y, mask=ok)
-        tl.store(zs_ptr + t * B * H + bh, z, mask=ok)
+def run(name, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
+    """ys, z_T of tier `name` or, if its kernels fail to compile or launch, of the next tier down
+    (one warning each); None when all failed (the caller runs the reference loop)."""
+    gpu, gemm = gpu_of(x.device), gemm_dtype(x.device, x.dtype)
+    for tier in tiers(name, x.device, y0.size(1), x.dtype, gpu):
+        try:
+            return FusedLEMGPU.apply(tier, gemm, gpu, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt)
+        except torch.OutOfMemoryError:
+            raise  # not the tier's fault: the next one needs no less memory
+        except Exception as error:  # Triton's OutOfResources, a compiler or driver error
+            _fail(tier, gpu, y0.size(1), gemm, error)
+    return None
 
 
-@triton.jit
-def _lem_bwd(gys_ptr, u_ptr, ah_ptr, q_ptr, yprev_ptr, zprev_ptr, whh_ptr, wtz_ptr, mask_ptr, gy_ptr, gz_ptr,
-             dA_ptr, dQ_ptr, T, B, H, dt, HAS_MASK: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
-    # ah: hid2hid(y_{n-1} ⊙ mask) + bias (T, B, 3H); q: Wy z_n + b + Vy u_n (T, B, H)
-    b = tl.program_id(0) * BB + tl.arange(0, BB)
-    j = tl.arange(0, HP)
-    ok = (b[:, None] < B) & (j[None, :] < H)
-    bh = b[:, None] * H + j[None, :]
-    w_gy = _w(whh_ptr, 0, j, j, H, False)  # as [out, in]: dL/d(in) = dL/d(out) @ W
-    w_gz = _w(whh_ptr, H, j, j, H, False)
-    w_cz = _w(whh_ptr, 2 * H, j, j, H, False)
-    w_y = _w(wtz_ptr, 0, j, j, H, False)
-    gy = tl.zeros((BB, HP), dtype=tl.float32)
-    gz = tl.load(gz_ptr + bh, mask=ok, other=0.0)
-    dym = tl.zeros((BB, HP), dtype=tl.float32)
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + bh, mask=ok, other=0.0)
-    for i in range(T):
-        t = T - 1 - i
-        r3 = (t * B + b[:, None]) * 3 * H + j[None, :]
-        r4 = (t * B + b[:, None]) * 4 * H + j[None, :]
-        r1 = t * B * H + bh
-        g = tl.load(gys_ptr + r1, mask=ok, other=0.0) + gy + (dym * keep if HAS_MASK else dym)
-        s_y = tl.sigmoid(tl.load(u_ptr + r4, mask=ok, other=0.0) + tl.load(ah_ptr + r3, mask=ok, other=0.0))
-        cy = _tanh(tl.load(q_ptr + r1, mask=ok, other=0.0))
-        dq = g * dt * s_y * (1.0 - cy * cy)
-        da_y = g * (cy - tl.load(yprev_ptr + r1, mask=ok, other=0.0)) * dt * s_y * (1.0 - s_y)
-        gy = g * (1.0 - dt * s_y)
-        gz = gz + tl.dot(dq, w_y, input_precision="ieee")
-        s_z = tl.sigmoid(tl.load(u_ptr + r4 + H, mask=ok, other=0.0) + tl.load(ah_ptr + r3 + H, mask=ok, other=0.0))
-        cz = _tanh(tl.load(u_ptr + r4 + 3 * H, mask=ok, other=0.0) + tl.load(ah_ptr + r3 + 2 * H, mask=ok, other=0.0))
-        da_z = gz * (cz - tl.load(zprev_ptr + r1, mask=ok, other=0.0)) * dt * s_z * (1.0 - s_z)
-        da_cz = gz * dt * s_z * (1.0 - cz * cz)
-        gz = gz * (1.0 - dt * s_z)
-        tl.store(dQ_ptr + r1, dq, mask=ok)
-        tl.store(dA_ptr + r3, da_y, mask=ok)
-        tl.store(dA_ptr + r3 + H, da_z, mask=ok)
-        tl.store(dA_ptr + r3 + 2 * H, da_cz, mask=ok)
-        dym = (tl.dot(da_y, w_gy, input_precision="ieee") + tl.dot(da_z, w_gz, input_precision="ieee")
-               + tl.dot(da_cz, w_cz, input_precision="ieee"))
-    tl.store(gy_ptr + bh, gy + (dym * keep if HAS_MASK else dym), mask=ok)
-    tl.store(gz_ptr + bh, gz, mask=ok)
+def _fail(tier, gpu, H, gemm, error):
+    _failed[(tier, gpu.capability, H, gemm)] = error
+    warnings.warn(f"LEM GPU tier {tier!r} failed at H = {H} in {gemm} on sm_{gpu.capability} "
+                  f"({type(error).__name__}: {str(error).strip()[:300]}); using the next tier down",
+                  RuntimeWarning, stacklevel=4)
 
 
-def _launch_args(B, H):
-    return (triton.cdiv(B, BLOCK_B),), dict(BB=BLOCK_B, HP=max(16, triton.next_power_of_2(H)))
+def _swap_candidates(t):
+    """[gate y, gate z, cand y, cand z] blocks along dim 0 <-> [gate y, gate z, cand z, cand y]."""
+    g_y, g_z, c_1, c_2 = t.chunk(4)
+    return torch.cat([g_y, g_z, c_2, c_1])
 
 
-class FusedLEMTriton(torch.autograd.Function):
-    """Same contract as cpu.FusedLEMCPU: (u_proj, y0, z0, W_hh, b_hh, W_tz, b_tz, mask) -> (ys, z_T)."""
+def forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep):
+    """ys, zs (T + 1, B, H) and acts of the layer (module docstring); without keep, zs is (1, B, H)
+    holding z_T and acts is None. A plain function of tensors: the autograd wrapper is FusedLEMGPU."""
+    T, B, I = x.shape
+    H = y0.size(1)
+    u = torch.mm(x.reshape(T * B, I).to(gemm), _swap_candidates(w_in).to(gemm).t()).view(T, B, 4 * H)
+    bias = (_swap_candidates(b_in) + torch.cat([b_hh, b_tz])).float()
+    ys = y0.new_empty(T + 1, B, H, dtype=torch.float32)
+    zs = y0.new_empty(T + 1 if keep else 1, B, H, dtype=torch.float32)
+    ys[0], zs[0] = y0, z0
+    acts = ys.new_empty(T, B, 4 * H) if keep else None
+    TIERS[tier].forward(u, bias, w_hh.to(gemm).contiguous(), w_tz.to(gemm).contiguous(), _float(mask), ys, zs, acts,
+                        float(dt))
+    return ys, zs, acts
+
+
+def backward(tier, gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, mask, dt, needs_dx):
+    """dL/d(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz) (float32 or the GEMM dtype; d x None unless
+    needs_dx) from what forward kept. grad_ys and grad_zT may be None (no gradient reached them)."""
+    T, B, H = acts.size(0), acts.size(1), ys.size(2)
+    grad_ys = ys.new_zeros(T, B, H, dtype=gemm) if grad_ys is None else grad_ys.contiguous()
+    gy = ys.new_zeros(B, H)
+    gz = ys.new_zeros(B, H) if grad_zT is None else grad_zT.float().contiguous().clone()
+    du = ys.new_empty(T, B, 4 * H, dtype=gemm)
+    mask = _float(mask)
+    TIERS[tier].backward(grad_ys, acts, ys, zs, w_hh.to(gemm).contiguous(), w_tz.to(gemm).contiguous(), mask,
+                         du, gy, gz, float(dt))
+    # weight gradients: one GEMM each over all T·B rows
+    du2, x2 = du.view(T * B, 4 * H), x.reshape(T * B, -1).to(gemm)
+    ym = (ys[:-1] if mask is None else ys[:-1] * mask).to(gemm).view(T * B, H)  # y_{n-1} ⊙ mask
+    d_whh = du2[:, :3 * H].t() @ ym
+    d_wtz = du2[:, 3 * H:].t() @ zs[1:].to(gemm).view(T * B, H)
+    d_win = _swap_candidates(du2.t() @ x2)
+    d_x = (du2 @ _swap_candidates(w_in).to(gemm)).view(x.shape) if needs_dx else None
+    d_b = du2.sum(0, dtype=torch.float32)  # every bias gets the column sums of d u
+    return d_x, d_win, _swap_candidates(d_b), gy, gz, d_whh, d_b[:3 * H], d_wtz, d_b[3 * H:]
+
+
+def _float(mask):
+    return None if mask is None else mask.float().contiguous()
+
+
+class FusedLEMGPU(torch.autograd.Function):
+    """apply(tier, gemm, gpu, x, W_in, b_in, y0, z0, W_hh, b_hh, W_tz, b_tz, mask, dt) -> (ys, z_T):
+    the layer run by one GPU tier with its products in the dtype `gemm`; `gpu` (a GPU) names the
+    device in a failure's warning. After the first three, the arguments of cpu.FusedLEMCPU."""
 
     @staticmethod
-    def forward(ctx, u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-        if u_proj.dtype != torch.float32:
-            raise ValueError(f"the Triton LEM kernels run in float32, got {u_proj.dtype}")
-        T, B, H = u_proj.size(0), u_proj.size(1), y0.size(1)
-        u_proj, y0, z0 = u_proj.contiguous(), y0.contiguous(), z0.contiguous()
-        w_hh, w_tz = w_hh.contiguous(), w_tz.contiguous()
-        ys, zs = u_proj.new_empty(T, B, H), u_proj.new_empty(T, B, H)
-        grid, meta = _launch_args(B, H)
-        m = mask.contiguous() if mask is not None else y0
-        _lem_fwd[grid](u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, m, ys, zs, T, B, H, float(dt),
-                       HAS_MASK=mask is not None, **meta)
-        ctx.dt = dt
-        ctx.save_for_backward(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ys, zs)
-        return ys, zs[-1]
+    def forward(ctx, tier, gemm, gpu, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
+        keep = any(ctx.needs_input_grad)
+        with torch.autocast(x.device.type, enabled=False):
+            ys, zs, acts = forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep)
+        ctx.tier, ctx.gemm, ctx.gpu, ctx.dt = tier, gemm, gpu, dt
+        ctx.dtypes = [t.dtype for t in (x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz)]  # of the gradients
+        ctx.save_for_backward(x, w_in, w_hh, w_tz, mask, ys, zs, acts)
+        return ys[1:].to(gemm), zs[-1].to(gemm)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys, grad_zT):
-        u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, ys, zs = ctx.saved_tensors
-        T, B, H = ys.shape
-        grad_ys = torch.zeros_like(ys) if grad_ys is None else grad_ys.contiguous()
-        y_prev = torch.cat([y0[None], ys[:-1]])
-        z_prev = torch.cat([z0[None], zs[:-1]])
-        ym_prev = y_prev if mask is None else y_prev * mask
-        a_h = torch.addmm(b_hh, ym_prev.view(T * B, H), w_hh.t()).view(T, B, 3 * H)  # gates, in bulk
-        q = (torch.addmm(b_tz, zs.view(T * B, H), w_tz.t()).view(T, B, H) + u_proj[..., 2 * H:3 * H]).contiguous()
-        g_y = torch.empty_like(y0)
-        g_z = torch.zeros_like(z0) if grad_zT is None else grad_zT.contiguous().clone()
-        dA, dQ = u_proj.new_empty(T, B, 3 * H), u_proj.new_empty(T, B, H)
-        grid, meta = _launch_args(B, H)
-        m = mask.contiguous() if mask is not None else y0
-        _lem_bwd[grid](grad_ys, u_proj, a_h, q, y_prev, z_prev, w_hh, w_tz, m, g_y, g_z, dA, dQ, T, B, H,
-                       float(ctx.dt), HAS_MASK=mask is not None, **meta)
-        dA2, dQ2 = dA.view(T * B, 3 * H), dQ.view(T * B, H)
-        d_u = torch.cat([dA[..., :2 * H], dQ, dA[..., 2 * H:]], -1)
-        return (d_u, g_y, g_z, dA2.t() @ ym_prev.view(T * B, H), dA2.sum(0), dQ2.t() @ zs.view(T * B, H),
-                dQ2.sum(0), None, None)
-
-
-def lem_triton(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-    return FusedLEMTriton.apply(u_proj, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt)
+        x, w_in, w_hh, w_tz, mask, ys, zs, acts = ctx.saved_tensors
+        args = (ctx.gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, mask, ctx.dt, ctx.needs_input_grad[3])
+        with torch.autocast(x.device.type, enabled=False):
+            try:
+                grads = backward(ctx.tier, *args)
+            except Exception as error:  # the tiers keep the same tensors: the stepwise backward can take over
+                if ctx.tier == "stepwise" or isinstance(error, torch.OutOfMemoryError):
+                    raise
+                _fail(ctx.tier, ctx.gpu, ys.size(2), ctx.gemm, error)
+                grads = backward("stepwise", *args)
+        return (None, None, None, *(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)), None, None)

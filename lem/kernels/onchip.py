@@ -1,0 +1,149 @@
+"""The on-chip GPU tier: one Triton launch runs all T forward steps, one all T backward steps.
+
+Each program owns BB batch rows for the whole sequence (rows never interact). It loads the four
+H x H recurrent weight blocks once, before its time loop; Triton keeps them on chip (in shared
+memory as the operand of tl.dot, which the loop reuses), so a step reads from global memory only
+its inputs and writes only its outputs. That needs 4·H² weights per program: the dispatcher
+(gpu.py) sends a call here only where `shared_memory` is within the GPU's shared memory per
+block (an upper bound that tests/test_fit.py checks against what Triton allocates).
+
+Layouts (gpu.py): u_proj and the saved activations are (T, B, 4H) in the order
+[gate y, gate z, cand z, cand y]; ys, zs are (T + 1, B, H) with y_0, z_0 as step 0.
+"""
+import triton
+import triton.language as tl
+
+from .launch import launch, tanh
+
+
+@triton.jit
+def _block(ptr, row0, j, H, TRANSPOSE: tl.constexpr):
+    """Rows row0 .. row0 + H of a row-major (?, H) matrix, as [in, out] when TRANSPOSE, padded with 0."""
+    m = (j[:, None] < H) & (j[None, :] < H)
+    if TRANSPOSE:
+        return tl.load(ptr + (row0 + j[None, :]) * H + j[:, None], mask=m, other=0.0)
+    return tl.load(ptr + (row0 + j[:, None]) * H + j[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, ys_ptr, zs_ptr, acts_ptr, T, B, H, dt,
+             HAS_MASK: tl.constexpr, KEEP: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
+    # KEEP: zs (T + 1, B, H) and acts are written for backward; else zs is (1, B, H), z_0 in, z_T out
+    GEMM: tl.constexpr = whh_ptr.dtype.element_ty  # the dtype the products take (float32, or the autocast one)
+    b = tl.program_id(0) * BB + tl.arange(0, BB)
+    j = tl.arange(0, HP)
+    ok = (b[:, None] < B) & (j[None, :] < H)
+    bh = b[:, None] * H + j[None, :]
+    b4 = b[:, None] * 4 * H + j[None, :]
+    w_gy = _block(whh_ptr, 0, j, H, True)  # hid2hid rows [gate y, gate z, cand z] as [in, out]
+    w_gz = _block(whh_ptr, H, j, H, True)
+    w_cz = _block(whh_ptr, 2 * H, j, H, True)
+    w_cy = _block(wtz_ptr, 0, j, H, True)
+    jm = j < H
+    b_gy = tl.load(bias_ptr + j, mask=jm, other=0.0)[None, :]
+    b_gz = tl.load(bias_ptr + H + j, mask=jm, other=0.0)[None, :]
+    b_cz = tl.load(bias_ptr + 2 * H + j, mask=jm, other=0.0)[None, :]
+    b_cy = tl.load(bias_ptr + 3 * H + j, mask=jm, other=0.0)[None, :]
+    y = tl.load(ys_ptr + bh, mask=ok, other=0.0)
+    z = tl.load(zs_ptr + bh, mask=ok, other=0.0)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + bh, mask=ok, other=0.0)
+    for t in range(T):
+        step = tl.cast(t, tl.int64) * B * H  # offsets of step t in (·, B, H) and (·, B, 4H) buffers: 64-bit
+        u = u_ptr + 4 * step + b4
+        ym = (y * keep if HAS_MASK else y).to(GEMM)
+        s_y = tl.sigmoid(tl.load(u, mask=ok, other=0.0).to(tl.float32) + b_gy + tl.dot(ym, w_gy, input_precision="ieee"))
+        s_z = tl.sigmoid(tl.load(u + H, mask=ok, other=0.0).to(tl.float32) + b_gz + tl.dot(ym, w_gz, input_precision="ieee"))
+        c_z = tanh(tl.load(u + 2 * H, mask=ok, other=0.0).to(tl.float32) + b_cz + tl.dot(ym, w_cz, input_precision="ieee"))
+        z = z + dt * s_z * (c_z - z)
+        c_y = tanh(tl.load(u + 3 * H, mask=ok, other=0.0).to(tl.float32) + b_cy
+                    + tl.dot(z.to(GEMM), w_cy, input_precision="ieee"))
+        y = y + dt * s_y * (c_y - y)
+        tl.store(ys_ptr + step + B * H + bh, y, mask=ok)
+        if KEEP:
+            tl.store(zs_ptr + step + B * H + bh, z, mask=ok)
+            a = acts_ptr + 4 * step + b4
+            tl.store(a, s_y, mask=ok)
+            tl.store(a + H, s_z, mask=ok)
+            tl.store(a + 2 * H, c_z, mask=ok)
+            tl.store(a + 3 * H, c_y, mask=ok)
+    if not KEEP:
+        tl.store(zs_ptr + bh, z, mask=ok)
+
+
+@triton.jit
+def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, du_ptr, gy_ptr, gz_ptr, T, B, H, dt,
+              HAS_MASK: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
+    # gy, gz (B, H): dL/dz_T in gz on entry; dL/dy_0, dL/dz_0 on exit. du = dL/du_proj (T, B, 4H).
+    GEMM: tl.constexpr = du_ptr.dtype.element_ty
+    b = tl.program_id(0) * BB + tl.arange(0, BB)
+    j = tl.arange(0, HP)
+    ok = (b[:, None] < B) & (j[None, :] < H)
+    bh = b[:, None] * H + j[None, :]
+    b4 = b[:, None] * 4 * H + j[None, :]
+    w_gy = _block(whh_ptr, 0, j, H, False)  # as [out, in]: dL/d(in) = dL/d(out) @ W
+    w_gz = _block(whh_ptr, H, j, H, False)
+    w_cz = _block(whh_ptr, 2 * H, j, H, False)
+    w_cy = _block(wtz_ptr, 0, j, H, False)
+    gy = tl.zeros((BB, HP), dtype=tl.float32)  # dL/dy_n through the leaky carry
+    gz = tl.load(gz_ptr + bh, mask=ok, other=0.0)
+    dym = tl.zeros((BB, HP), dtype=tl.float32)  # dL/d(y_n ⊙ mask) through hid2hid of step n + 1
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + bh, mask=ok, other=0.0)
+    for i in range(T):
+        step = tl.cast(T - 1 - i, tl.int64) * B * H
+        a = acts_ptr + 4 * step + b4
+        s_y = tl.load(a, mask=ok, other=0.0)
+        s_z = tl.load(a + H, mask=ok, other=0.0)
+        c_z = tl.load(a + 2 * H, mask=ok, other=0.0)
+        c_y = tl.load(a + 3 * H, mask=ok, other=0.0)
+        g = tl.load(gys_ptr + step + bh, mask=ok, other=0.0).to(tl.float32) + gy + (dym * keep if HAS_MASK else dym)
+        d_cy = (g * dt * s_y * (1.0 - c_y * c_y)).to(GEMM)
+        d_gy = (g * (c_y - tl.load(ys_ptr + step + bh, mask=ok, other=0.0)) * dt * s_y * (1.0 - s_y)).to(GEMM)
+        gy = g * (1.0 - dt * s_y)
+        gz = gz + tl.dot(d_cy, w_cy, input_precision="ieee")
+        d_gz = (gz * (c_z - tl.load(zs_ptr + step + bh, mask=ok, other=0.0)) * dt * s_z * (1.0 - s_z)).to(GEMM)
+        d_cz = (gz * dt * s_z * (1.0 - c_z * c_z)).to(GEMM)
+        gz = gz * (1.0 - dt * s_z)
+        du = du_ptr + 4 * step + b4
+        tl.store(du, d_gy, mask=ok)
+        tl.store(du + H, d_gz, mask=ok)
+        tl.store(du + 2 * H, d_cz, mask=ok)
+        tl.store(du + 3 * H, d_cy, mask=ok)
+        dym = (tl.dot(d_gy, w_gy, input_precision="ieee") + tl.dot(d_gz, w_gz, input_precision="ieee")
+               + tl.dot(d_cz, w_cz, input_precision="ieee"))
+    tl.store(gy_ptr + bh, gy + (dym * keep if HAS_MASK else dym), mask=ok)
+    tl.store(gz_ptr + bh, gz, mask=ok)
+
+
+BB = 16  # batch rows per program: the fewest tl.dot takes, so that a batch spreads over the most SMs
+
+
+def config(H):
+    """Compile-time sizes and warps of both kernels for hidden size H (checked by lem.kernels.fit)."""
+    HP = max(16, triton.next_power_of_2(H))
+    return dict(BB=BB, HP=HP), 4 if HP <= 32 else 8  # 16 warps made the H = 64 forward spill
+
+
+def shared_memory(H, gemm_dtype):
+    """Upper bound of the shared memory per block of either kernel, in bytes: the four weight blocks,
+    four staging tiles of BB x HP float32 for the tl.dot operands, 1 KiB of static shared memory
+    (sm_90) and 1 KiB to spare. The fit test checks it against what Triton allocates on every target."""
+    HP = config(H)[0]["HP"]
+    return 4 * HP * HP * gemm_dtype.itemsize + 4 * BB * HP * 4 + 2048
+
+
+def forward(u, bias, w_hh, w_tz, mask, ys, zs, acts, dt):
+    """Fills ys[1:], and zs[1:] and acts when acts is given (else zs (1, B, H) goes from z_0 to z_T)."""
+    T, B, H = u.size(0), u.size(1), ys.size(2)
+    meta, num_warps = config(H)
+    launch(_forward, (triton.cdiv(B, BB),), u, bias, w_hh, w_tz, mask, ys, zs, acts, T, B, H, dt,
+           HAS_MASK=mask is not None, KEEP=acts is not None, num_warps=num_warps, **meta)
+
+
+def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, du, gy, gz, dt):
+    """Fills du (T, B, 4H); gy, gz: dL/dy_0, dL/dz_0 on exit (gz holds dL/dz_T on entry)."""
+    T, B, H = acts.size(0), acts.size(1), ys.size(2)
+    meta, num_warps = config(H)
+    launch(_backward, (triton.cdiv(B, BB),), grad_ys, acts, ys, zs, w_hh, w_tz, mask, du, gy, gz, T, B, H, dt,
+           HAS_MASK=mask is not None, num_warps=num_warps, **meta)

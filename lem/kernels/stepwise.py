@@ -1,0 +1,135 @@
+"""The large-H GPU tier (the recipe of cuDNN's standard RNN algorithm and of haste): per step one
+cuBLAS GEMM for each recurrent product and one fused Triton kernel for the elementwise work of
+each half-step. Any H runs here; the weights are read from global memory (L2) every step.
+
+Forward, step n:  h = (y_{n-1} ⊙ mask) W_hhᵀ        GEMM into a (B, 3H) buffer
+                  gates, z_n                     _forward_z
+                  q = z_n W_yᵀ                   GEMM into a (B, H) buffer
+                  y_n                            _forward_y (also writes y_n ⊙ mask for the next GEMM)
+Backward mirrors it with the transposed products (dL/dz_n += dL/dq W_y, dL/d(y ⊙ mask) = dL/da W_hh).
+All buffers exist before the time loop, which neither allocates nor synchronises with the host,
+so that a whole call can be captured in a CUDA graph (not tried yet: no GPU was available).
+Layouts as in onchip.py.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .launch import launch, tanh
+
+BLOCK = 512  # (row, column) elements per program of the elementwise kernels
+
+
+@triton.jit
+def _rows_cols(B, H, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return i, i < B * H, i // H, i % H
+
+
+@triton.jit(do_not_specialize=["n"])  # one compiled kernel for every step
+def _forward_z(u_ptr, bias_ptr, h_ptr, zs_ptr, zg_ptr, acts_ptr, n, z_stride, a_stride, B, H, dt, BLOCK: tl.constexpr):
+    # z_{n-1} at zs[n·z_stride], z_n to zs[(n+1)·z_stride] (z_stride 0: one buffer updated in place);
+    # zg: z_n in the GEMM dtype for q; acts[n·a_stride] gets σ(gate y), σ(gate z), tanh(cand z)
+    i, ok, b, j = _rows_cols(B, H, BLOCK)
+    step = n.to(tl.int64) * B * H
+    u = u_ptr + 4 * step + b * 4 * H + j
+    h = h_ptr + b * 3 * H + j
+    s_y = tl.sigmoid(tl.load(u, mask=ok).to(tl.float32) + tl.load(bias_ptr + j, mask=ok) + tl.load(h, mask=ok).to(tl.float32))
+    s_z = tl.sigmoid(tl.load(u + H, mask=ok).to(tl.float32) + tl.load(bias_ptr + H + j, mask=ok)
+                     + tl.load(h + H, mask=ok).to(tl.float32))
+    c_z = tanh(tl.load(u + 2 * H, mask=ok).to(tl.float32) + tl.load(bias_ptr + 2 * H + j, mask=ok)
+               + tl.load(h + 2 * H, mask=ok).to(tl.float32))
+    z = tl.load(zs_ptr + step * z_stride + i, mask=ok)
+    z = z + dt * s_z * (c_z - z)
+    tl.store(zs_ptr + (step + B * H) * z_stride + i, z, mask=ok)
+    tl.store(zg_ptr + i, z.to(zg_ptr.dtype.element_ty), mask=ok)
+    a = acts_ptr + 4 * step * a_stride + b * 4 * H + j
+    tl.store(a, s_y, mask=ok)
+    tl.store(a + H, s_z, mask=ok)
+    tl.store(a + 2 * H, c_z, mask=ok)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _forward_y(u_ptr, bias_ptr, q_ptr, ys_ptr, ymg_ptr, mask_ptr, acts_ptr, n, a_stride, B, H, dt,
+               HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    # y_{n-1} at ys[n], y_n to ys[n + 1]; ymg: y_n ⊙ mask in the GEMM dtype for the next step's h
+    i, ok, b, j = _rows_cols(B, H, BLOCK)
+    step = n.to(tl.int64) * B * H
+    a = acts_ptr + 4 * step * a_stride + b * 4 * H + j
+    c_y = tanh(tl.load(u_ptr + 4 * step + b * 4 * H + 3 * H + j, mask=ok).to(tl.float32)
+               + tl.load(bias_ptr + 3 * H + j, mask=ok) + tl.load(q_ptr + i, mask=ok).to(tl.float32))
+    y = tl.load(ys_ptr + step + i, mask=ok)
+    y = y + dt * tl.load(a, mask=ok) * (c_y - y)
+    tl.store(ys_ptr + step + B * H + i, y, mask=ok)
+    tl.store(a + 3 * H, c_y, mask=ok)
+    if HAS_MASK:
+        y = y * tl.load(mask_ptr + i, mask=ok)
+    tl.store(ymg_ptr + i, y.to(ymg_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _backward_y(gys_ptr, acts_ptr, ys_ptr, gy_ptr, dym_ptr, mask_ptr, du_ptr, n, B, H, dt,
+                HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    # gy: dL/dy_n through the leaky carry, in and out; dym: dL/d(y_n ⊙ mask) from step n + 1's GEMM
+    i, ok, b, j = _rows_cols(B, H, BLOCK)
+    step = n.to(tl.int64) * B * H
+    a = acts_ptr + 4 * step + b * 4 * H + j
+    s_y = tl.load(a, mask=ok)
+    c_y = tl.load(a + 3 * H, mask=ok)
+    dym = tl.load(dym_ptr + i, mask=ok).to(tl.float32)
+    if HAS_MASK:
+        dym = dym * tl.load(mask_ptr + i, mask=ok)
+    g = tl.load(gys_ptr + step + i, mask=ok).to(tl.float32) + tl.load(gy_ptr + i, mask=ok) + dym
+    du = du_ptr + 4 * step + b * 4 * H + j
+    tl.store(du, (g * (c_y - tl.load(ys_ptr + step + i, mask=ok)) * dt * s_y * (1.0 - s_y)).to(du_ptr.dtype.element_ty), mask=ok)
+    tl.store(du + 3 * H, (g * dt * s_y * (1.0 - c_y * c_y)).to(du_ptr.dtype.element_ty), mask=ok)
+    tl.store(gy_ptr + i, g * (1.0 - dt * s_y), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _backward_z(acts_ptr, zs_ptr, gz_ptr, dzy_ptr, du_ptr, n, B, H, dt, BLOCK: tl.constexpr):
+    # gz: dL/dz_n, in (without the path through q, dzy) and out (as dL/dz_{n-1} through the carry)
+    i, ok, b, j = _rows_cols(B, H, BLOCK)
+    step = n.to(tl.int64) * B * H
+    a = acts_ptr + 4 * step + b * 4 * H + j
+    s_z = tl.load(a + H, mask=ok)
+    c_z = tl.load(a + 2 * H, mask=ok)
+    gz = tl.load(gz_ptr + i, mask=ok) + tl.load(dzy_ptr + i, mask=ok).to(tl.float32)
+    du = du_ptr + 4 * step + b * 4 * H + j
+    tl.store(du + H, (gz * (c_z - tl.load(zs_ptr + step + i, mask=ok)) * dt * s_z * (1.0 - s_z)).to(du_ptr.dtype.element_ty),
+             mask=ok)
+    tl.store(du + 2 * H, (gz * dt * s_z * (1.0 - c_z * c_z)).to(du_ptr.dtype.element_ty), mask=ok)
+    tl.store(gz_ptr + i, gz * (1.0 - dt * s_z), mask=ok)
+
+
+def forward(u, bias, w_hh, w_tz, mask, ys, zs, acts, dt):
+    """Fills ys[1:], and zs[1:] and acts when acts is given (else zs (1, B, H) goes from z_0 to z_T)."""
+    T, B, H = u.size(0), u.size(1), ys.size(2)
+    keep = acts is not None
+    h, q = u.new_empty(B, 3 * H), u.new_empty(B, H)
+    zg, ymg = u.new_empty(B, H), u.new_empty(B, H)
+    ymg.copy_(ys[0] if mask is None else ys[0] * mask)
+    a = acts if keep else ys.new_empty(B, 4 * H)
+    w_hh_t, w_tz_t = w_hh.t(), w_tz.t()
+    grid = (triton.cdiv(B * H, BLOCK),)
+    for n in range(T):
+        torch.mm(ymg, w_hh_t, out=h)
+        launch(_forward_z, grid, u, bias, h, zs, zg, a, n, int(keep), int(keep), B, H, dt, BLOCK=BLOCK)
+        torch.mm(zg, w_tz_t, out=q)
+        launch(_forward_y, grid, u, bias, q, ys, ymg, mask, a, n, int(keep), B, H, dt,
+               HAS_MASK=mask is not None, BLOCK=BLOCK)
+
+
+def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, du, gy, gz, dt):
+    """Fills du (T, B, 4H); gy, gz: dL/dy_0, dL/dz_0 on exit (gz holds dL/dz_T on entry, gy zeros)."""
+    T, B, H = acts.size(0), acts.size(1), ys.size(2)
+    dzy, dym = du.new_empty(B, H), du.new_zeros(B, H)
+    grid = (triton.cdiv(B * H, BLOCK),)
+    for n in reversed(range(T)):
+        launch(_backward_y, grid, grad_ys, acts, ys, gy, dym, mask, du, n, B, H, dt,
+               HAS_MASK=mask is not None, BLOCK=BLOCK)
+        torch.mm(du[n, :, 3 * H:], w_tz, out=dzy)
+        launch(_backward_z, grid, acts, zs, gz, dzy, du, n, B, H, dt, BLOCK=BLOCK)
+        torch.mm(du[n, :, :3 * H], w_hh, out=dym)
+    gy += dym if mask is None else dym * mask
+

@@ -1,0 +1,158 @@
+"""The GPU tiers (lem/kernels/gpu.py) against the reference loop: outputs and every gradient, autocast,
+and the fall to the next tier when a kernel fails to launch.
+
+Runs on CUDA tensors where a GPU is present. Without one, test_kernels.py runs this file in a fresh
+process under TRITON_INTERPRET=1 (Triton's interpreter on CPU tensors; it has no bfloat16 tl.dot, so
+the on-chip tier's half-precision path is checked there in float16, the same code).
+"""
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
+import lem  # noqa: E402
+from lem import kernels  # noqa: E402
+from lem.kernels import gpu, onchip, stepwise  # noqa: E402
+from test_kernels import assert_close_relative, assert_matches  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
+TOL = 1e-5 if INTERPRETED else 1e-4  # relative to the largest entry; on a GPU summation orders differ more
+pytestmark = [pytest.mark.skipif(not INTERPRETED and not torch.cuda.is_available(),
+                                 reason="needs a GPU, or TRITON_INTERPRET=1 (test_kernels.py runs it so)"),
+              pytest.mark.filterwarnings("error:LEM GPU tier:RuntimeWarning")]  # a tier that fell back fails
+
+CASES = [  # T, B, H, I, batch_first, with_state, state_dropout
+    (3, 2, 5, 2, False, False, 0.0),
+    (4, 17, 3, 1, True, True, 0.3),   # B = 17: a second, partial block of rows; batch_first; y0, z0; mask
+    (1, 5, 20, 3, False, True, 0.4),  # T = 1; H = 20 is no power of two
+    (5, 33, 64, 2, False, True, 0.2),  # H = 64, the largest on-chip size in float32; three blocks of rows
+]
+
+
+@pytest.fixture(autouse=True)
+def no_failed_tiers(monkeypatch):
+    monkeypatch.setattr(gpu, "_failed", {})
+
+
+@pytest.mark.parametrize("tier", ["onchip", "stepwise"])
+@pytest.mark.parametrize("case", CASES)
+def test_tier_matches_reference(tier, case):
+    assert_matches(tier, *case, device=DEVICE, tol=TOL)
+
+
+def test_stepwise_at_h256():
+    assert_matches("stepwise", 3, 4, 256, 2, with_state=True, state_dropout=0.3, device=DEVICE, tol=TOL)
+
+
+def test_float64_runs_the_reference_loop():
+    assert kernels.resolve("triton", DEVICE, 8, torch.float64) == "reference"
+    layer = lem.LEM(2, 8, backend="triton").double().to(DEVICE)
+    assert layer(torch.randn(3, 2, 2, dtype=torch.float64, device=DEVICE))[0].dtype == torch.float64
+
+
+HALF = [("onchip", torch.float16), ("stepwise", torch.float16), ("stepwise", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("tier, dtype", HALF + ([] if INTERPRETED else [("onchip", torch.bfloat16)]))
+def test_autocast(tier, dtype):
+    """Under autocast: outputs in the autocast dtype (as nn.LSTM's), float32 parameter gradients, all
+    close to the float32 reference loop within half precision."""
+    torch.manual_seed(0)
+    ref = lem.LEM(3, 24, dt=0.7, state_dropout=0.3, backend="reference").to(DEVICE)
+    fused = lem.LEM(3, 24, dt=0.7, state_dropout=0.3, backend=tier).to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 18, 3, device=DEVICE, requires_grad=True)
+    outs = {}
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        assert kernels.resolve(tier, DEVICE, 24, x.dtype) == tier
+    for name, layer, enabled in (("fused", fused, True), ("reference", ref, False)):
+        torch.manual_seed(1)  # the same dropout mask
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=enabled):
+            ys, (y, z) = layer(x)
+        loss = ys.float().square().sum() + z.float().sum()
+        outs[name] = [ys, z, *torch.autograd.grad(loss, [x, *layer.parameters()])]
+    assert outs["fused"][0].dtype == outs["fused"][1].dtype == dtype
+    assert all(g.dtype == torch.float32 for g in outs["fused"][2:])
+    for a, b in zip(outs["fused"], outs["reference"]):
+        assert_close_relative(a.float(), b, f"{tier} under {dtype} autocast", 5e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+def _failing(real, kernels_that_fail):
+    def launch(kernel, *args, **kwargs):
+        if kernel in kernels_that_fail:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return real(kernel, *args, **kwargs)
+    return launch
+
+
+def _reference_and_triton(H=12, tier="triton"):
+    torch.manual_seed(0)
+    ref = lem.LEM(2, H, dt=0.5, backend="reference").to(DEVICE)
+    fused = lem.LEM(2, H, dt=0.5, backend=tier).to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused, torch.randn(5, 3, 2, device=DEVICE)
+
+
+def test_launch_failure_falls_to_the_next_tier_with_one_warning(monkeypatch):
+    monkeypatch.setattr(onchip, "launch", _failing(onchip.launch, {onchip._forward}))
+    ref, fused, x = _reference_and_triton()
+    assert kernels.resolve("triton", DEVICE, 12, x.dtype) == "onchip"
+    with pytest.warns(RuntimeWarning, match="tier 'onchip' failed.*OutOfResources"):
+        ys = fused(x)[0]
+    assert_close_relative(ys, ref(x)[0], "ys after the fall to stepwise", TOL)
+    assert kernels.resolve("triton", DEVICE, 12, x.dtype) == "stepwise"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # one warning, not one per call
+        fused(x)
+
+
+def test_backward_failure_finishes_with_the_stepwise_backward(monkeypatch):
+    monkeypatch.setattr(onchip, "launch", _failing(onchip.launch, {onchip._backward}))
+    ref, fused, x = _reference_and_triton()
+    ys = fused(x)[0]
+    with pytest.warns(RuntimeWarning, match="tier 'onchip' failed"):
+        ys.sum().backward()
+    ref(x)[0].sum().backward()
+    for (name, a), b in zip(fused.named_parameters(), ref.parameters()):
+        assert_close_relative(a.grad, b.grad, name, TOL)
+
+
+def test_when_every_tier_fails_the_reference_loop_runs(monkeypatch):
+    monkeypatch.setattr(onchip, "launch", _failing(onchip.launch, {onchip._forward}))
+    monkeypatch.setattr(stepwise, "launch", _failing(stepwise.launch, {stepwise._forward_z}))
+    ref, fused, x = _reference_and_triton()
+    with pytest.warns(RuntimeWarning) as caught:
+        ys = fused(x)[0]
+    tiers = [str(w.message).split(" failed")[0] for w in caught if "LEM GPU tier" in str(w.message)]
+    assert tiers == ["LEM GPU tier 'onchip'", "LEM GPU tier 'stepwise'"]
+    torch.testing.assert_close(ys, ref(x)[0], rtol=0, atol=0)
+    assert kernels.resolve("triton", DEVICE, 12, x.dtype) == "reference"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the experiments' sizes on a real GPU")
+@pytest.mark.parametrize("T, B, H, I", [(20, 32, 16, 1), (20, 8, 32, 6), (20, 128, 128, 1), (20, 128, 256, 1),
+                                        (10, 128, 1024, 200)])
+def test_experiment_sizes_run_without_falling_back(T, B, H, I):
+    """FitzHugh-Nagumo, EigenWorms, sMNIST H 128/256, PTB char (lem.bench.CONFIGS), shortened: the tier
+    the dispatcher picks must launch (the module's filter turns a fall into an error), in float32 and
+    under bfloat16 autocast."""
+    torch.manual_seed(0)
+    ref = lem.LEM(I, H, backend="reference").to(DEVICE)
+    fused = lem.LEM(I, H, backend="triton").to(DEVICE)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, device=DEVICE)
+    ys = fused(x)[0]
+    ys.square().sum().backward()
+    assert_close_relative(ys, ref(x)[0], f"H = {H}", 1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fused(x)[0].float().square().sum().backward()
+
+
+@pytest.mark.skipif(INTERPRETED, reason="asks this GPU")
+def test_auto_picks_a_fused_tier_on_this_gpu():
+    assert {kernels.resolve("auto", DEVICE, H, torch.float32) for H in range(1, 1025)} <= {"onchip", "stepwise"}
