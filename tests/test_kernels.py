@@ -30,7 +30,7 @@ def assert_matches(backend, T, B, H, I, batch_first=False, with_state=False, sta
     fused.load_state_dict(ref.state_dict())
     x = torch.randn((B, T, I) if batch_first else (T, B, I), requires_grad=True)
     assert kernels.resolve(backend, x.device, H, x.dtype) == backend, "the fused path did not build"
-    state = (torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True)) if with_state else None
+    state = (torch.randn(1, B, H, requires_grad=True), torch.randn(1, B, H, requires_grad=True)) if with_state else None
     names = ["ys", "y_T", "z_T", "x", *(["y0", "z0"] if with_state else []), *(n for n, _ in ref.named_parameters())]
     for name, a, b in zip(names, run(fused, x, state), run(ref, x, state)):
         assert_close_relative(a, b, f"{backend}: {name}")
