@@ -52,7 +52,7 @@ def _check_count(name, value):
         raise ValueError(f"{name} must be greater than zero, got {value}")
 
 
-def _initial_state(state, shape, layout, like):
+def _checked_state(state, shape, layout, like):
     """(y0, z0) checked to have `shape` (described as `layout`), or zeros of that shape."""
     if state is None:
         zeros = like.new_zeros(shape)
@@ -129,7 +129,7 @@ class LEMCell(_LEMBase):
         batched = input.dim() == 2
         shape, layout = ((input.size(0), self.hidden_size), "(batch, hidden_size)") if batched else \
             ((self.hidden_size,), "(hidden_size,)")
-        y, z = _initial_state(state, shape, layout, input)
+        y, z = _checked_state(state, shape, layout, input)
         return lem_step(self.inp2hid(input), y, z, self.hid2hid, self.transform_z, self.dt)
 
 
@@ -177,8 +177,8 @@ class LEM(_LEMBase):
     backend: how the time loop runs (lem/kernels, docs/kernels.md): 'reference' (the loop below),
     'cpp' (fused CPU), 'triton' (fused GPU), or 'auto' (the fused one for the tensors' device,
     'reference' with a warning if it cannot be built). Every backend honours state and state_dropout.
-    For now the fused kernels take neither per-row lengths nor bias=False: a PackedSequence of
-    unequal lengths and bias=False run the reference loop.
+    For now the fused kernels take neither per-row lengths nor bias=False: a PackedSequence and
+    bias=False run the reference loop.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -234,11 +234,7 @@ class LEM(_LEMBase):
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         self._check_input(x)
-        LD, H = self.num_layers * (2 if self.bidirectional else 1), self.hidden_size
-        if batched:
-            y0, z0 = _initial_state(state, (LD, x.size(1), H), "(num_layers * num_directions, batch, hidden_size)", x)
-        else:
-            y0, z0 = (s.unsqueeze(1) for s in _initial_state(state, (LD, H), "(num_layers * num_directions, hidden_size)", x))
+        y0, z0 = self._initial_state(state, x.size(1) if batched else None, x)
         output, y_n, z_n = self._layers(x, y0, z0, None)
         if not batched:
             return output.squeeze(1), (y_n.squeeze(1), z_n.squeeze(1))
@@ -252,8 +248,7 @@ class LEM(_LEMBase):
             raise ShapeError(f"expected a PackedSequence of 2-D data (steps, input_size), got {tuple(data.shape)}")
         x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # (T, B, I), lengths on CPU
         self._check_input(x)
-        shape = (self.num_layers * (2 if self.bidirectional else 1), x.size(1), self.hidden_size)
-        y0, z0 = _initial_state(state, shape, "(num_layers * num_directions, batch, hidden_size)", x)
+        y0, z0 = self._initial_state(state, x.size(1), x)
         if sorted_indices is not None:
             y0, z0 = y0.index_select(1, sorted_indices), z0.index_select(1, sorted_indices)
         output, y_n, z_n = self._layers(x, y0, z0, lengths.to(x.device))
@@ -261,6 +256,14 @@ class LEM(_LEMBase):
             y_n, z_n = y_n.index_select(1, unsorted_indices), z_n.index_select(1, unsorted_indices)
         output = PackedSequence(pack_padded_sequence(output, lengths).data, batch_sizes, sorted_indices, unsorted_indices)
         return output, (y_n, z_n)
+
+    def _initial_state(self, state, batch, like):
+        """(y0, z0), each (D·L, batch, H), from `state` or zeros; batch None: unbatched, given as (D·L, H)."""
+        LD, H = self.num_layers * (2 if self.bidirectional else 1), self.hidden_size
+        if batch is None:
+            y0, z0 = _checked_state(state, (LD, H), "(num_layers * num_directions, hidden_size)", like)
+            return y0.unsqueeze(1), z0.unsqueeze(1)
+        return _checked_state(state, (LD, batch, H), "(num_layers * num_directions, batch, hidden_size)", like)
 
     def _layers(self, x, y0, z0, lengths):
         """The stack on x (T, B, input_size): the last layer's output (T, B, D·H), y_n and z_n

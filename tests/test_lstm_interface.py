@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 import lem
+from lem import bench
 
 T, B, I, H = 5, 3, 4, 6
 NAMES = ("inp2hid", "hid2hid", "transform_z")
@@ -223,3 +224,11 @@ def test_fused_stack_matches_reference_stack():
         results.append(outputs_and_grads(layer, x, state, list(layer.parameters())))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_bench_times_a_stack(monkeypatch):
+    monkeypatch.setitem(bench.CONFIGS, "tiny_stack", (6, 4, 8, 2))
+    monkeypatch.setitem(bench.STACKS, "tiny_stack", dict(num_layers=2, bidirectional=True))
+    rows = bench.bench_config("tiny_stack", torch.device("cpu"), repeats=1, budget_s=1.0)
+    assert set(rows) == {"reference", "cpp", "nn.LSTM"}
+    assert "num_layers 2, bidirectional True" in bench.table("tiny_stack", torch.device("cpu"), rows)
