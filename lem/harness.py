@@ -2,14 +2,16 @@
 
 An experiment subclasses `Task` (its data, model, loss, metric and paper defaults) and calls
 `run(MyTask)`. The harness does the rest: arguments, seeding, device, Adam, lr step decay,
-gradient clipping, evaluation and model selection on validation, result logs, checkpoints,
-exact resume, clean stop on Ctrl-C/SIGTERM and the NaN guard; under torchrun, data-parallel
-training over several processes (lem/distributed.py).
+gradient clipping, evaluation and model selection on validation, result logs, checkpoints (the
+one before kept), exact resume, one process per run folder (its lock), clean stop on Ctrl-C/SIGTERM,
+on a failed save and on NaN; under torchrun, data-parallel training over several processes
+(lem/distributed.py).
 
 Training is cut into epochs; each epoch is a list of cheap batch keys (index tensors, seeds)
 fixed by (seed, epoch) alone, so a resumed run replays exactly the batches it would have seen.
 """
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -35,7 +37,9 @@ class Task:
     name = None               # the experiment folder, e.g. "fitzhugh_nagumo"
     metric = None             # key of evaluate()'s dict used for model selection and reports
     higher_is_better = False
-    paper = None              # the paper's figure (SPEC §2)
+    paper = None              # the paper's figure (SPEC §2): LEM's, or {model: figure} where the paper
+                              # reports its baselines too
+    baseline = None           # the metric of a trivial predictor, drawn beside the curves (adding: 0.167)
     defaults = {}             # paper hyper-parameters of the common flags (SPEC §3)
     eval_splits = ("valid", "test")
 
@@ -179,20 +183,124 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+LOCK_FILE = "run.lock"
+CHECKPOINT_KEYS = ("model", "optimizer", "task", "rng", "state", "args")
+
+
+def fail(message):
+    """Stop with exit code 1 and no traceback: rank 0 prints message, the other processes stop quietly."""
+    sys.exit(message if distributed.is_main() else 1)
+
+
 class Run:
-    """The run folder <experiment>/results/<run-name>/ and everything written into it (by rank 0 only)."""
+    """The run folder <experiment>/results/<run-name>/ and everything written into it (by rank 0 only).
+
+    While a process trains the run, it (rank 0 under torchrun) holds the folder's lock: one
+    process per run. A failed write stops every process and leaves the files it replaced whole."""
 
     def __init__(self, folder, task_cls):
         self.folder = Path(folder)
         self.task_cls = task_cls
         self.checkpoint = self.folder / "checkpoint.pt"
+        self.previous = self.folder / "checkpoint.prev.pt"  # the one before, for when the newest is damaged
+        self._lock = None
+
+    @contextlib.contextmanager
+    def claimed(self, resume):
+        """Hold the run folder. Every process stops (rank 0 says why) when another process trains
+        this run, when the folder holds a run and resume is off, or holds no checkpoint and it is on."""
+        try:
+            problem = self._claim(resume) if distributed.is_main() else None
+            if distributed.anyone(problem is not None):
+                fail(problem)
+            yield
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # releases the lock (--seeds: the next run has its own folder)
+                self._lock = None
+
+    def _claim(self, resume):
+        """Take the folder's lock before anything is written there; what forbids training here, if anything."""
+        if resume and not self.folder.is_dir():
+            return f"--resume: no checkpoint at {self.checkpoint}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"cannot make the run folder {self.folder}: {e.strerror or e}"
+        lock = self.folder / LOCK_FILE
+        try:
+            self._lock = runlog.lock(lock)
+        except BlockingIOError:
+            holder = lock.read_text().strip() or "(PID not yet written)"
+            return (f"{self.folder} is in use: process {holder} is training this run and holds its lock ({lock}). "
+                    f"Two processes on one run would overwrite each other's checkpoint and logs, so this one stops. "
+                    f"Wait for that process to end (--resume then continues the run), or give this one "
+                    f"another --run-name or --seed.")
+        except OSError as e:  # a file system without locks, e.g. Lustre mounted with -o noflock
+            print(f"warning: cannot lock {lock} ({e.strerror}); nothing keeps a second process off this run",
+                  file=sys.stderr)
+        else:
+            runlog.remove_leftovers(self.folder)
+        saved = self.checkpoint.exists() or self.previous.exists()
+        if saved and not resume:
+            return f"{self.folder} already holds a run: pass --resume to continue it, or --run-name for a new one"
+        if resume and not saved:
+            return f"--resume: no checkpoint at {self.checkpoint}"
+        return None
+
+    def write(self, what, write):
+        """write() on rank 0. If it fails (disk full, read-only folder), every process stops."""
+        error = None
+        if distributed.is_main():
+            try:
+                write()
+            except OSError as e:
+                error = (f"could not write {what} in {self.folder}: {e.strerror or e}. The run stops here; "
+                         f"its last good checkpoint and logs are kept. Make room (or make the folder writable), "
+                         f"then continue with the same command and --resume.")
+        if distributed.anyone(error is not None):
+            fail(error)
+
+    def save_checkpoint(self, make):
+        """Write make() as checkpoint.pt; the checkpoint it replaces becomes checkpoint.prev.pt."""
+        self.write(self.checkpoint.name, lambda: runlog.rotate_checkpoint(self.checkpoint, make(), self.previous))
+
+    def load_checkpoint(self, device):
+        """The newest checkpoint that loads whole: checkpoint.pt, else (saying so) checkpoint.prev.pt.
+        A damaged checkpoint.pt is then set aside as checkpoint.damaged.pt, so that the next save
+        keeps checkpoint.prev.pt instead of rotating the damaged file onto it."""
+        try:
+            return runlog.load_checkpoint(self.checkpoint, CHECKPOINT_KEYS, device)
+        except ValueError as e:
+            newest = str(e)
+        try:
+            ckpt = runlog.load_checkpoint(self.previous, CHECKPOINT_KEYS, device)
+        except ValueError as e:
+            fail(f"--resume: neither checkpoint of this run loads: {newest}; {e}. Move the folder away to start "
+                 f"the run anew.")
+        damaged = self.folder / "checkpoint.damaged.pt"
+        set_aside = distributed.is_main() and self.checkpoint.exists()
+
+        def move():
+            if set_aside:
+                os.replace(self.checkpoint, damaged)
+        self.write(damaged.name, move)  # on every process, as write stops them all if it fails
+        if set_aside:
+            newest += f", kept as {damaged.name}"
+        if distributed.is_main():
+            state = ckpt["state"]
+            print(f"warning: {newest}; continuing from {self.previous.name} (epoch {state['epoch']}, "
+                  f"batch {state['batch']})", file=sys.stderr)
+        return ckpt
+
+    def write_config(self, config):
+        self.write("config.json", lambda: runlog.write_json(self.folder / "config.json", config))
 
     def write_logs(self, history):
-        if not distributed.is_main():
-            return
-        lines = [json.dumps(r) for r in history]
-        runlog.write_text(self.folder / "log.jsonl", "".join(line + "\n" for line in lines))
-        runlog.write_text(self.folder / "log.txt", "".join(runlog.format_record(r) + "\n" for r in history))
+        def write():
+            runlog.write_text(self.folder / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            runlog.write_text(self.folder / "log.txt", "".join(runlog.format_record(r) + "\n" for r in history))
+        self.write("log.jsonl and log.txt", write)
 
     def write_summary(self, state, status, config):
         t = self.task_cls
@@ -202,25 +310,48 @@ class Run:
         summary = {
             "experiment": t.name, "model": config["args"]["model"], "seed": config["args"]["seed"],
             "run_name": self.folder.name, "metric": t.metric, "higher_is_better": t.higher_is_better,
-            "paper": t.paper, "status": status, "epochs_done": state["epoch"], "steps": state["step"],
+            "paper": paper_figure(t, config["args"]["model"]), "baseline": t.baseline,
+            "status": status, "epochs_done": state["epoch"], "steps": state["step"],
             "wall_time_s": round(state["elapsed"], 1),
             "best_epoch": selected["epoch"] if selected else None,
             "valid": selected["valid"][t.metric] if selected and "valid" in selected else None,
             "test": selected["test"][t.metric] if selected and "test" in selected else None,
             "last": last,
         }
-        if distributed.is_main():
-            runlog.write_json(self.folder / "summary.json", summary)
+        self.write("summary.json", lambda: runlog.write_json(self.folder / "summary.json", summary))
         return summary
 
 
-RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds", "backend"}
+def paper_figure(task_cls, model):
+    """The paper's figure for `model`: Task.paper is LEM's figure, or a dict by model."""
+    if isinstance(task_cls.paper, dict):
+        return task_cls.paper.get(model)
+    return task_cls.paper if model == "lem" else None
+
+
+RUN_ONLY_FLAGS = {"resume", "device", "max_time", "data_dir", "out_dir", "seeds", "backend", "run_name"}
+
+
+def rerun_command(task_cls, args):
+    """The command line (argv) that repeats this run: the experiment's train.py with every
+    hyper-parameter spelled out, this seed and this backend; what lem.reproduce runs."""
+    script = runlog.portable(inspect.getfile(task_cls))
+    argv = [script]
+    for action in build_parser(task_cls)._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in RUN_ONLY_FLAGS - {"backend"} or value in (None, False):
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(action.option_strings[0])
+        else:
+            argv += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+    return argv
 
 
 def check_same_arguments(saved, given):
     changed = {k: (saved.get(k), v) for k, v in given.items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v}
     if changed:
-        sys.exit("--resume with other arguments than the run was started with: "
+        fail("--resume with other arguments than the run was started with: "
                  + ", ".join(f"--{k} {new} (run has {old})" for k, (old, new) in changed.items()))
 
 
@@ -250,24 +381,37 @@ def run(task_cls, argv=None):
 
 
 def train(task_cls, args):
-    """Train, evaluate, log one run. Returns its summary dict; exits 1 on NaN."""
+    """Train, evaluate, log one run, holding its folder. Returns its summary dict; exits 1 on NaN."""
     experiment_dir = Path(inspect.getfile(task_cls)).resolve().parent
     device = pick_device(args.device)
-    main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
-
     # Gradients through long sequences decay into denormal floats, which slow CPU matmuls ~10x
     # (sMNIST/nCIFAR backward); flushing them (|x| < 1.2e-38) to zero is harmless for training.
     torch.set_flush_denormal(True)
     seed_everything(args.seed)
     task = distributed.one_by_one(lambda: task_cls(args, device))
-    run_name = args.run_name or task.run_name()
-    out = Run(Path(args.out_dir or experiment_dir / "results") / run_name, task_cls)
-    if out.checkpoint.exists() and not args.resume:
-        sys.exit(f"{out.folder} already holds a run: pass --resume to continue it, or --run-name for a new one")
-    if args.resume and not out.checkpoint.exists():
-        sys.exit(f"--resume: no checkpoint at {out.checkpoint}")
-    if main:
-        task.start(out.folder)
+    out = Run(Path(args.out_dir or experiment_dir / "results") / (args.run_name or task.run_name()), task_cls)
+    with out.claimed(args.resume):
+        return fit(task, out, args, device)
+
+
+def restore(out, args, device, model, optimizer, task):
+    """Load the run's checkpoint into model, optimizer, task and RNGs; returns the loop's state."""
+    ckpt = out.load_checkpoint(device)
+    check_same_arguments(ckpt["args"], vars(args))
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    task.load_state_dict(ckpt["task"])
+    rngs = ckpt.get("rng_ranks", [ckpt["rng"]])
+    if distributed.rank() < len(rngs):
+        set_rng_state(rngs[distributed.rank()])
+    return ckpt["state"]
+
+
+def fit(task, out, args, device):
+    """The training loop of one run, in the folder this process holds."""
+    task_cls = type(task)
+    main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
+    out.write("the task's files", lambda: task.start(out.folder))
 
     model = task.build_model().to(device)
     for module in model.modules():
@@ -278,35 +422,32 @@ def train(task_cls, args):
         seed_everything(args.seed + distributed.rank())  # same init everywhere, then own dropout masks
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
     if args.resume:
-        ckpt = torch.load(out.checkpoint, map_location=device, weights_only=False)
-        check_same_arguments(ckpt["args"], vars(args))
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        task.load_state_dict(ckpt["task"])
-        rngs = ckpt.get("rng_ranks", [ckpt["rng"]])
-        if distributed.rank() < len(rngs):
-            set_rng_state(rngs[distributed.rank()])
-        state = ckpt["state"]
+        state = restore(out, args, device, model, optimizer, task)
         if main:
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
-    config = {"args": vars(args), "experiment": task_cls.name, "parameters": sum(p.numel() for p in model.parameters())}
+    config = {"args": runlog.portable_args(vars(args)), "experiment": task_cls.name,
+              "parameters": sum(p.numel() for p in model.parameters()), "rerun": rerun_command(task_cls, args)}
     if main:
         config.update(runlog.environment(device))
         if distributed.world_size() > 1:
             config["processes"] = distributed.world_size()
-        runlog.write_json(out.folder / "config.json", config)
+    out.write_config(config)
+    if args.resume:  # the logs as of the checkpoint loaded (it may be the one before the newest)
+        out.write_logs(state["history"])
+        out.write_summary(state, "running", config)
     train_model = distributed.wrap(model, device)
 
     def save():
         rngs = distributed.gather(rng_state())
-        if not main:
-            return
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
-                "rng": rngs[0], "state": state, "args": vars(args)}
-        if len(rngs) > 1:
-            ckpt["rng_ranks"] = rngs  # every process's own, for an exact resume on as many processes
-        runlog.save_checkpoint(out.checkpoint, ckpt)
+
+        def checkpoint():
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "task": task.state_dict(),
+                    "rng": rngs[0], "state": state, "args": vars(args)}
+            if len(rngs) > 1:
+                ckpt["rng_ranks"] = rngs  # every process's own, for an exact resume on as many processes
+            return ckpt
+        out.save_checkpoint(checkpoint)
 
     status = "finished"
     started = time.time() - state["elapsed"]
@@ -371,7 +512,7 @@ def train(task_cls, args):
             print(f"stopped; continue with the same command and --resume ({out.folder})", file=sys.stderr)
     summary = out.write_summary(state, status, config)
     if status == "finished" and main:
-        print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {task_cls.paper}); logs in {out.folder}")
+        print(f"done: {task_cls.metric} on test = {summary['test']} (paper: {summary['paper']}); logs in {out.folder}")
     if status == "nan":
         sys.exit(1)
     return summary

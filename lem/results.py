@@ -11,9 +11,10 @@ import re
 import statistics
 from pathlib import Path
 
+from .harness import RUN_ONLY_FLAGS
 from .runlog import REPO_ROOT
 
-NOT_HYPERPARAMETERS = {"seed", "seeds", "run_name", "resume", "device", "data_dir", "out_dir", "max_time"}
+NOT_HYPERPARAMETERS = RUN_ONLY_FLAGS | {"seed"}  # runs that differ only in these are one setting
 
 
 def load_runs(folders):
@@ -33,23 +34,48 @@ def group_key(run):
 
 
 def summarise(runs):
-    """One row per group of runs that differ only by seed."""
+    """One row per group of runs that differ only by seed (and run-only flags such as the backend)."""
     groups = {}
     for run in runs:
         groups.setdefault(group_key(run), []).append(run)
     rows = []
-    for (experiment, _), members in sorted(groups.items()):
+    for (experiment, _), members in sorted(groups.items(), key=lambda g: (g[0][0], model_order(g[1][0]), natural(g[0][1]))):
         first = members[0]
         values = [m["summary"]["test"] for m in members if m["summary"].get("test") is not None]
         statuses = sorted({m["summary"]["status"] for m in members})
         rows.append({
             "experiment": experiment, "model": first["summary"]["model"], "nhid": first["args"].get("nhid"),
+            "setting": distinct_setting(first, [r for r in runs if r["summary"]["experiment"] == experiment]),
             "metric": first["summary"]["metric"], "seeds": len(members), "n_values": len(values),
             "mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
             "paper": first["summary"].get("paper"), "status": ",".join(statuses),
+            "wall_time_s": statistics.fmean(m["summary"].get("wall_time_s") or 0.0 for m in members),
         })
     return rows
+
+
+def natural(text):
+    """Sort key that orders the numbers inside text by value (200 before 2000 before 10000)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def model_order(run):
+    """LEM first, then the paper's baselines in the paper's order."""
+    order = ["lem", "lstm", "gru"]
+    model = run["summary"]["model"]
+    return (order.index(model) if model in order else len(order), model)
+
+
+def distinct_setting(run, experiment_runs):
+    """The hyper-parameters (beyond model and nhid) in which this run's setting differs from other
+    runs of the same experiment, e.g. "seq_length=2000 max_iter=10000"; "" when none do."""
+    varying = set()
+    for other in experiment_runs:
+        for k in set(run["args"]) | set(other["args"]):
+            if k not in NOT_HYPERPARAMETERS | {"model", "nhid"} and run["args"].get(k) != other["args"].get(k):
+                varying.add(k)
+    return " ".join(f"{k}={run['args'].get(k)}" for k in sorted(varying))
 
 
 def format_value(mean, std):
@@ -58,10 +84,16 @@ def format_value(mean, std):
     return f"{mean:.4g} ± {std:.2g}"
 
 
+def format_duration(seconds):
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
 def table_cells(rows):
-    header = ["experiment", "model", "nhid", "seeds", "metric", "test (mean ± std)", "paper", "status"]
-    body = [[r["experiment"], r["model"], str(r["nhid"]), str(r["seeds"]), r["metric"],
-             format_value(r["mean"], r["std"]), str(r["paper"]), r["status"]] for r in rows]
+    header = ["experiment", "model", "nhid", "setting", "seeds", "metric", "test (mean ± std)", "paper",
+              "wall time (mean)", "status"]
+    body = [[r["experiment"], r["model"], str(r["nhid"]), r["setting"] or "-", str(r["seeds"]), r["metric"],
+             format_value(r["mean"], r["std"]), "-" if r["paper"] is None else str(r["paper"]),
+             format_duration(r["wall_time_s"]), r["status"]] for r in rows]
     return header, body
 
 
@@ -90,10 +122,14 @@ def read_log(folder):
     return [json.loads(line) for line in lines]
 
 
+MODEL_COLOURS = {"lem": "C0", "lstm": "C1", "gru": "C2"}
+
+
 def plot(runs, path, x_axis="epoch"):
     """Learning curves, one panel per experiment: the selection metric on validation (test where
-    a task has no validation split) against epoch or step, one line per run, the paper's figure dashed.
-    Error metrics get a log axis. Returns the matplotlib Figure."""
+    a task has no validation split) against epoch or step, one line per run coloured by model; the
+    paper's figures dashed in the model's colour, a trivial predictor's baseline dotted. Error
+    metrics get a log axis. Returns the matplotlib Figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,20 +137,28 @@ def plot(runs, path, x_axis="epoch"):
     experiments = sorted({run["summary"]["experiment"] for run in runs})
     fig, axes = plt.subplots(1, len(experiments), figsize=(6 * len(experiments), 4), squeeze=False)
     for ax, experiment in zip(axes[0], experiments):
-        members = [run for run in runs if run["summary"]["experiment"] == experiment]
+        members = sorted((run for run in runs if run["summary"]["experiment"] == experiment), key=model_order)
         first = members[0]["summary"]
         metric, split = first["metric"], "test"
+        references = {}  # (label, value) -> (colour, linestyle)
         for run in members:
             log = read_log(run["folder"])
             split = "valid" if log and "valid" in log[0] else "test"
-            ax.plot([r[x_axis] for r in log], [r[split][metric] for r in log], label=run["folder"].name)
-        for value in paper_values(first.get("paper")):
-            ax.axhline(value, linestyle="--", color="black", linewidth=1, label=f"paper: {value:g}")
+            model = run["summary"]["model"]
+            ax.plot([r[x_axis] for r in log], [r[split][metric] for r in log], label=run["folder"].name,
+                    color=MODEL_COLOURS.get(model), linewidth=1)
+            for value in paper_values(run["summary"].get("paper")):
+                references[(f"paper, {model}: {value:g}", value)] = (MODEL_COLOURS.get(model, "black"), "--")
+            if run["summary"].get("baseline") is not None:
+                baseline = run["summary"]["baseline"]
+                references[(f"baseline: {baseline:g}", baseline)] = ("black", ":")
+        for (label, value), (colour, style) in references.items():
+            ax.axhline(value, linestyle=style, color=colour, linewidth=1, label=label)
         if not first["higher_is_better"] and all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
             ax.set_yscale("log")
         ax.set(title=experiment, xlabel=x_axis, ylabel=f"{split} {metric}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,9 +1,12 @@
-"""A run's folder: atomic writes of config, logs, summary and checkpoints.
+"""A run's folder: atomic writes of config, logs, summary and checkpoints, the checkpoint
+before the last kept and verified on loading, and the folder's lock.
 
 Every file is written to a temporary name in the same folder and renamed over the old one
 (os.replace is atomic), so a run killed at any moment leaves each file whole: old or new.
 """
+import fcntl
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -17,7 +20,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _atomic(path, write):
+def _atomic(path, write, keep=None):
+    """write(f) into a temporary file, then rename it to path. With keep, the file path held is
+    renamed to keep first: at every instant one whole file exists, under one name or the other."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -26,6 +31,8 @@ def _atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep is not None and path.exists():
+            os.replace(path, keep)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -43,6 +50,70 @@ def write_json(path, obj):
 
 def save_checkpoint(path, obj):
     _atomic(path, lambda f: torch.save(obj, f))
+
+
+def rotate_checkpoint(path, obj, previous):
+    """torch.save(obj) to path; the checkpoint that path held becomes previous (see _atomic).
+
+    Serialised in memory first: a full disk then fails in our own write as a plain OSError,
+    where inside torch's zip writer it would surface as an opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic(path, lambda f: f.write(buffer.getbuffer()), keep=previous)
+
+
+def load_checkpoint(path, keys, map_location=None):
+    """The dict torch.load reads from path, verified to hold every one of keys; a ValueError
+    saying what is wrong (missing, truncated or damaged, incomplete) otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} is missing")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a damaged file fails anywhere in unzip or unpickle: EOFError, RuntimeError, ...
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} does not load: truncated or damaged ({type(e).__name__}: {reason})") from e
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise ValueError(f"{path} is not a whole checkpoint: it lacks {', '.join(missing)}")
+    return obj
+
+
+def remove_leftovers(folder):
+    """Delete the temporary files of writes cut short (by a kill -9) in folder. Only for the
+    holder of the folder's lock: anyone else may be writing them right now."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def lock(path):
+    """An exclusive lock on the file path (created if need be), held until the returned file
+    descriptor is closed or this process ends, however it ends: the kernel releases it, so a
+    kill -9 leaves no stale lock. The file then holds this process's PID. Raises
+    BlockingIOError when another process holds the lock, OSError when the file system has none."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def portable(path):
+    """A path as a record keeps it: relative to the repository when inside it, so that run
+    records copied elsewhere (docs/runs) name no folder of the machine that ran them."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
+def portable_args(args):
+    """The arguments of a run with its folders made portable (see portable)."""
+    return {k: portable(v) if k in ("data_dir", "out_dir") else v for k, v in args.items()}
 
 
 def environment(device):
@@ -66,7 +137,8 @@ def environment(device):
     else:
         hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return {"versions": versions, "git_commit": commit, "device": str(device), "hardware": hardware,
-            "command": " ".join(sys.argv)}
+            "torch_threads": torch.get_num_threads(),
+            "command": " ".join([portable(sys.argv[0]), *sys.argv[1:]])}
 
 
 def format_record(record):

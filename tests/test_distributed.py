@@ -1,5 +1,6 @@
 """torchrun on CPU (gloo): two processes train like one process with the same global batch."""
 import json
+import os
 import subprocess
 import sys
 
@@ -7,20 +8,20 @@ import pytest
 import torch
 
 from helpers import REPO, read_run, run_train, train_env
-from lem import distributed, harness
+from lem import distributed, harness, runlog
 
 # 12 trajectories in batches of 5, 5, 2: shares of 3 and 2 samples, so the loss weights matter
 FHN = ["--n_train", 12, "--n_valid", 4, "--n_test", 4, "--nhid", 8, "--batch", 5, "--epochs", 2]
 ADDING = ["--seq_length", 20, "--max_iter", 200, "--test_size", 40, "--nhid", 8, "--batch", 10]
-RUN_FILES = {"checkpoint.pt", "config.json", "log.jsonl", "log.txt", "summary.json"}
+RUN_FILES = {"checkpoint.pt", "checkpoint.prev.pt", "config.json", "log.jsonl", "log.txt", "summary.json", "run.lock"}
 
 
-def torchrun(experiment, *args, out_dir, data_dir, nproc=2):
+def torchrun(experiment, *args, out_dir, data_dir, nproc=2, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(REPO / experiment / "train.py"), *map(str, args),
            "--out-dir", str(out_dir), "--data-dir", str(data_dir), "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=train_env())
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0 or not check, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -72,6 +73,20 @@ def test_seed_batches_split_and_a_distributed_run_resumes(tmp_path):
     assert_same_curve(log, reference, rel=1e-4)
 
 
+def test_a_refused_torchrun_job_stops_every_process(tmp_path):
+    run_dir = tmp_path / "lem_h8_seed1234"
+    run_dir.mkdir()
+    lock = runlog.lock(run_dir / harness.LOCK_FILE)  # this test process trains the run, as far as anyone knows
+    try:
+        proc = torchrun("fitzhugh_nagumo", *FHN, out_dir=tmp_path, data_dir=tmp_path / "data", check=False)
+    finally:
+        os.close(lock)
+    assert proc.returncode != 0  # and every process stopped: no time-out
+    assert proc.stderr.count(f"{run_dir} is in use: process {os.getpid()} is training this run") == 1
+    assert proc.stderr.count("Traceback") <= 1  # torchrun's own failure report; no worker's
+    assert os.listdir(run_dir) == [harness.LOCK_FILE]
+
+
 def test_one_process_splits_nothing():
     idx = torch.tensor([4, 0, 3])
     assert distributed.local_batch(idx) == (idx, 1.0)
@@ -83,6 +98,7 @@ def test_one_process_splits_nothing():
 def test_shares_weights_and_the_other_ranks_silence(monkeypatch, tmp_path):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "anyone", bool)  # a collective: no process group here
     idx = torch.arange(10, 18)  # 8 samples over 3 processes: 3, 3, 2
     part, weight = distributed.local_batch(idx)
     assert part.tolist() == [11, 14, 17] and weight == pytest.approx(3 * 3 / 8)

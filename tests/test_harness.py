@@ -1,6 +1,9 @@
-"""The training harness through real train.py runs: logs, resume after SIGKILL/SIGTERM, NaN guard."""
+"""The training harness through real train.py runs: logs, resume after SIGKILL/SIGTERM, NaN guard,
+one process per run folder, damaged checkpoints and failed saves."""
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import lem
-from lem import results
+from lem import harness, results, runlog
 from helpers import REPO, read_run, run_train, train_env
 
 # The reference loop keeps these runs slow enough (~1 s an epoch) for a signal to land mid-run.
@@ -28,11 +31,16 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fhn_reference(tmp_path_factory, data_dir):
-    """A FitzHugh-Nagumo run that was never stopped."""
+def fhn_reference_dir(tmp_path_factory, data_dir):
+    """The folder of a FitzHugh-Nagumo run that was never stopped (read only: copy it to change it)."""
     out = tmp_path_factory.mktemp("fhn_ref")
     run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, out_dir=out, data_dir=data_dir)
-    return read_run(out / "lem_h8_seed1234")
+    return out / "lem_h8_seed1234"
+
+
+@pytest.fixture(scope="module")
+def fhn_reference(fhn_reference_dir):
+    return read_run(fhn_reference_dir)
 
 
 def test_fitzhugh_nagumo_run_writes_every_log_file(fhn_reference):
@@ -110,6 +118,84 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, data_dir, fhn_ref
     assert summary["test"] == fhn_reference[0]["test"]
 
 
+def files_of(run_dir):
+    """The bytes of every file in run_dir but its lock (which holds the PID of its latest holder)."""
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != harness.LOCK_FILE}
+
+
+def test_a_second_process_on_a_run_stops_and_leaves_the_first_alone(tmp_path, data_dir, fhn_reference):
+    run_dir = tmp_path / "lem_h8_seed1234"
+    first = start_train(tmp_path, data_dir)
+    wait_for_records(run_dir / "config.json", 1, first)  # it holds the folder, no checkpoint yet
+    first.send_signal(signal.SIGSTOP)  # and stays there, still holding it, while the second tries
+    try:
+        before = files_of(run_dir)
+        second = run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, out_dir=tmp_path, data_dir=data_dir, check=False)
+        assert files_of(run_dir) == before
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"{run_dir} is in use: process {first.pid} is training this run" in second.stderr
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    summary, _, log = read_run(run_dir)
+    assert summary["status"] == "finished" and metrics_only(log) == metrics_only(fhn_reference[2])
+
+
+def copy_run(reference_dir, out):
+    """A copy of a finished 4-epoch run: checkpoint.pt at epoch 4, checkpoint.prev.pt at epoch 3."""
+    run_dir = out / reference_dir.name
+    shutil.copytree(reference_dir, run_dir)
+    return run_dir
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_resume_continues_from_the_previous_checkpoint_when_the_newest_is_truncated(
+        tmp_path, data_dir, fhn_reference_dir, fhn_reference):
+    run_dir = copy_run(fhn_reference_dir, tmp_path)
+    truncate(run_dir / "checkpoint.pt")
+    (run_dir / ".log.jsonl.cut.tmp").write_text("{")  # what a kill -9 in the middle of a write leaves
+    resumed = run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, "--resume", out_dir=tmp_path, data_dir=data_dir)
+    warning = [line for line in resumed.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1
+    assert warning[0].startswith(f"warning: {run_dir / 'checkpoint.pt'} does not load: truncated or damaged (")
+    assert warning[0].endswith(", kept as checkpoint.damaged.pt; continuing from checkpoint.prev.pt (epoch 3, batch 0)")
+    summary, _, log = read_run(run_dir)
+    assert metrics_only(log) == metrics_only(fhn_reference[2]) and summary["test"] == fhn_reference[0]["test"]
+    # epoch 4's save replaced no checkpoint: the good one before it is kept, not the damaged one
+    assert torch.load(run_dir / "checkpoint.prev.pt", weights_only=False)["state"]["epoch"] == 3
+    assert (run_dir / "checkpoint.damaged.pt").exists() and not list(run_dir.glob(".*.tmp"))
+
+
+def test_resume_without_the_newest_checkpoint_continues_from_the_previous(tmp_path, data_dir, fhn_reference_dir):
+    run_dir = copy_run(fhn_reference_dir, tmp_path)
+    (run_dir / "checkpoint.pt").unlink()
+    resumed = run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, "--resume", "--max-time", 0,
+                        out_dir=tmp_path, data_dir=data_dir)
+    assert (f"warning: {run_dir / 'checkpoint.pt'} is missing; continuing from checkpoint.prev.pt (epoch 3, batch 0)"
+            in resumed.stderr)
+    summary, _, log = read_run(run_dir)  # stopped after one step: the logs are those of epoch 3's checkpoint
+    assert summary["status"] == "interrupted" and summary["epochs_done"] == 3 and len(log) == 3
+
+
+def test_resume_stops_when_neither_checkpoint_loads(tmp_path, data_dir, fhn_reference_dir):
+    run_dir = copy_run(fhn_reference_dir, tmp_path)
+    truncate(run_dir / "checkpoint.pt")
+    truncate(run_dir / "checkpoint.prev.pt")
+    before = files_of(run_dir)
+    resumed = run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, "--resume", out_dir=tmp_path, data_dir=data_dir,
+                        check=False)
+    assert resumed.returncode == 1 and "Traceback" not in resumed.stderr
+    message = resumed.stderr.strip()
+    assert message.startswith("--resume: neither checkpoint of this run loads: ") and "\n" not in message
+    assert f"{run_dir / 'checkpoint.pt'} does not load" in message
+    assert f"{run_dir / 'checkpoint.prev.pt'} does not load" in message
+    assert files_of(run_dir) == before
+
+
 def test_existing_run_needs_resume_and_resume_needs_same_arguments(tmp_path):
     run_train("adding", *ADDING_TINY, out_dir=tmp_path, data_dir=tmp_path)
     again = run_train("adding", *ADDING_TINY, out_dir=tmp_path, data_dir=tmp_path, check=False)
@@ -121,9 +207,9 @@ def test_existing_run_needs_resume_and_resume_needs_same_arguments(tmp_path):
     assert missing.returncode != 0 and "no checkpoint" in missing.stderr
 
 
-class ExplodingTask(lem.Task):
-    """Linear regression whose loss turns NaN at the third epoch."""
-    name = "exploding"
+class Regression(lem.Task):
+    """Linear regression: an in-process run in milliseconds."""
+    name = "regression"
     metric = "mse"
     defaults = dict(nhid=4, batch=8, epochs=5, lr=0.01)
 
@@ -141,11 +227,18 @@ class ExplodingTask(lem.Task):
         return lem.shuffled_batches(32, self.args.batch, self.args.seed, epoch)
 
     def loss(self, model, idx):
-        loss = F.mse_loss(model(self.x[idx]), self.y[idx])
-        return loss * float("nan") if self.epoch == 2 else loss
+        return F.mse_loss(model(self.x[idx]), self.y[idx])
 
     def evaluate(self, model, split):
         return {"mse": F.mse_loss(model(self.x), self.y).item()}
+
+
+class ExplodingTask(Regression):
+    """Linear regression whose loss turns NaN at the third epoch."""
+
+    def loss(self, model, idx):
+        loss = super().loss(model, idx)
+        return loss * float("nan") if self.epoch == 2 else loss
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
@@ -161,13 +254,73 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cap
     assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
 
 
+@pytest.mark.parametrize("failing", ["checkpoint.pt", "log.jsonl"])
+def test_a_failed_save_stops_the_run_and_keeps_the_last_good_files(tmp_path, monkeypatch, failing):
+    argv = ["--data-dir", str(tmp_path), "--device", "cpu", "--epochs", "4"]
+    lem.run(Regression, ["--out-dir", str(tmp_path / "reference"), *argv])
+    run_dir = tmp_path / "lem_h4_seed5544"
+    real_fsync, writes = os.fsync, []
+
+    def fsync(fd):  # the disk is full when the third one of the failing file is written
+        if f".{failing}." in os.readlink(f"/proc/self/fd/{fd}"):
+            writes.append(fd)
+            if len(writes) == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(SystemExit) as stop:
+        lem.run(Regression, ["--out-dir", str(tmp_path), *argv])
+    what = "checkpoint.pt" if failing == "checkpoint.pt" else "log.jsonl and log.txt"
+    assert str(stop.value.code).startswith(f"could not write {what} in {run_dir}: No space left on device. ")
+    summary, _, log = read_run(run_dir)
+    assert summary["epochs_done"] == 2 and len(log) == 2 and not list(run_dir.glob(".*.tmp"))
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["epoch"]
+    assert saved == (2 if failing == "checkpoint.pt" else 3)
+
+    monkeypatch.undo()  # space again: the run continues to the numbers of one never stopped
+    lem.run(Regression, ["--out-dir", str(tmp_path), "--resume", *argv])
+    _, _, reference = read_run(tmp_path / "reference" / "lem_h4_seed5544")
+    assert metrics_only(read_run(run_dir)[2]) == metrics_only(reference)
+
+
+def test_run_lock_holds_the_pid_and_excludes_a_second_holder(tmp_path):
+    path = tmp_path / "run.lock"
+    fd = runlog.lock(path)
+    try:
+        assert path.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(BlockingIOError):
+            runlog.lock(path)  # another open file of the same process counts as another holder
+    finally:
+        os.close(fd)
+    os.close(runlog.lock(path))  # free again once closed
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(runlog.fcntl, "flock", no_locks)
+    summary = lem.run(Regression, ["--out-dir", str(tmp_path), "--data-dir", str(tmp_path), "--device", "cpu",
+                                   "--epochs", "1"])[0]
+    assert summary["status"] == "finished"
+    assert f"warning: cannot lock {tmp_path / 'lem_h4_seed5544' / harness.LOCK_FILE}" in capsys.readouterr().err
+
+
+def test_resume_checks_what_it_loads(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "state": {}}, path)
+    with pytest.raises(ValueError, match="is not a whole checkpoint: it lacks optimizer, task, rng, args"):
+        runlog.load_checkpoint(path, harness.CHECKPOINT_KEYS)
+
+
 def test_seeds_and_results_table(tmp_path, capsys):
     run_train("adding", *ADDING_TINY, "--seeds", 1, 2, out_dir=tmp_path, data_dir=tmp_path)
     run_train("adding", *ADDING_TINY, "--model", "gru", out_dir=tmp_path, data_dir=tmp_path)
     tests = [read_run(tmp_path / f"lem_T20_h8_seed{s}")[0]["test"] for s in (1, 2)]
     rows = results.summarise(results.load_runs([tmp_path]))
-    assert [(r["model"], r["seeds"]) for r in rows] == [("gru", 1), ("lem", 2)]
-    lem_row = rows[1]
+    assert [(r["model"], r["seeds"]) for r in rows] == [("lem", 2), ("gru", 1)]  # LEM first, then the baselines
+    lem_row = rows[0]
     assert lem_row["mean"] == pytest.approx(sum(tests) / 2)
     assert lem_row["std"] == pytest.approx(abs(tests[0] - tests[1]) / 2 ** 0.5)
     results.main([str(tmp_path)])

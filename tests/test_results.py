@@ -1,4 +1,5 @@
 """python -m lem.results: the Markdown table and the learning-curve plot, on run folders the harness writes."""
+import json
 import re
 
 import pytest
@@ -15,7 +16,11 @@ class Adding(harness.Task):
     name, metric, paper, eval_splits = "adding", "mse", "1e-4 ... 1e-5", ("test",)
 
 
-def write_run(folder, task_cls, seed, values):
+class Compared(harness.Task):
+    name, metric, paper, baseline = "compared", "rmse", {"lem": 0.002, "lstm": 0.012}, 0.5
+
+
+def write_run(folder, task_cls, seed, values, model="lem", **args):
     """A run folder as harness.train leaves it, with one record per value of the metric."""
     history = []
     for epoch, value in enumerate(values, 1):
@@ -25,7 +30,7 @@ def write_run(folder, task_cls, seed, values):
         history.append(record)
     state = {"epoch": len(values), "step": 10 * len(values), "elapsed": 1.0, "history": history,
              "best": min(history, key=lambda r: r["valid"][task_cls.metric]) if "valid" in task_cls.eval_splits else None}
-    config = {"args": {"model": "lem", "nhid": 16, "seed": seed, "lr": 1e-3}, "experiment": task_cls.name}
+    config = {"args": {"model": model, "nhid": 16, "seed": seed, "lr": 1e-3, **args}, "experiment": task_cls.name}
     run = harness.Run(folder, task_cls)
     runlog.write_json(folder / "config.json", config)
     run.write_logs(history)
@@ -79,3 +84,31 @@ def test_paper_values():
     assert results.paper_values("1e-4 ... 1e-5") == [1e-4, 1e-5]
     assert results.paper_values("92.3 %") == [92.3]
     assert results.paper_values(None) == []
+
+
+def test_paper_figure_is_the_runs_own_models_and_settings_are_told_apart(tmp_path, capsys):
+    write_run(tmp_path / "lem_1", Compared, 1, [0.1, 0.01], backend="cpp")
+    write_run(tmp_path / "lem_2", Compared, 2, [0.1, 0.03], backend="reference")  # same setting, other backend
+    write_run(tmp_path / "lstm_1", Compared, 1, [0.2, 0.1], model="lstm")
+    write_run(tmp_path / "gru_1", Compared, 1, [0.2, 0.1], model="gru")
+    write_run(tmp_path / "add_short", Adding, 1, [0.1], seq_length=200)
+    write_run(tmp_path / "add_long", Adding, 1, [0.2], seq_length=2000)
+    summaries = {f.parent.name: json.loads(f.read_text()) for f in tmp_path.rglob("summary.json")}
+    assert [summaries[k]["paper"] for k in ("lem_1", "lstm_1", "gru_1", "add_short")] == [0.002, 0.012, None, "1e-4 ... 1e-5"]
+    assert summaries["lem_1"]["baseline"] == 0.5 and summaries["add_short"]["baseline"] is None
+
+    results.main([str(tmp_path), "--markdown"])
+    header, _, *body = [[c.strip() for c in line[1:-1].split("|")] for line in capsys.readouterr().out.strip().splitlines()]
+    rows = [dict(zip(header, row)) for row in body]
+    assert [(r["experiment"], r["model"], r["setting"], r["seeds"], r["paper"]) for r in rows] == [
+        ("adding", "lem", "seq_length=200", "1", "1e-4 ... 1e-5"), ("adding", "lem", "seq_length=2000", "1", "1e-4 ... 1e-5"),
+        ("compared", "lem", "-", "2", "0.002"), ("compared", "lstm", "-", "1", "0.012"), ("compared", "gru", "-", "1", "-")]
+
+    fig = results.plot(results.load_runs([tmp_path]), tmp_path / "curves.png")
+    compared = {ax.get_title(): ax for ax in fig.axes}["compared"]
+    colours = {line.get_label(): line.get_color() for line in compared.get_lines()}
+    assert colours["lem_1"] == colours["lem_2"] != colours["lstm_1"] != colours["gru_1"]
+    references = {line.get_label(): (line.get_ydata()[0], line.get_linestyle()) for line in compared.get_lines()
+                  if line.get_linestyle() != "-"}
+    assert references == {"paper, lem: 0.002": (0.002, "--"), "paper, lstm: 0.012": (0.012, "--"),
+                          "baseline: 0.5": (0.5, ":")}

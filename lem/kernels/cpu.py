@@ -22,9 +22,9 @@ def load():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
         from torch.utils import cpp_extension
         flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", *_simd_flags()]  # lets the exp/tanh loops vectorise
-        # The name carries the source's hash: checkouts with other versions of the kernel never
-        # share (or race on) one cached build.
-        digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+        # The name carries the hash of the source, its path and the flags: two checkouts never share
+        # (or race on) one cached build, which ninja would rebuild whenever the other one loads it.
+        digest = hashlib.sha1(SOURCE.read_bytes() + str(SOURCE.resolve()).encode() + " ".join(flags).encode()).hexdigest()[:12]
         _module = cpp_extension.load(name=f"lem_cpu_{digest}", sources=[str(SOURCE)], build_directory=build_dir,
                                      extra_cflags=flags, verbose=False)
     return _module
