@@ -25,9 +25,12 @@ CONFIGS = {
     "smnist_h128": (784, 128, 128, 1),
     "smnist_h256": (784, 128, 256, 1),
     "fhn": (1000, 32, 16, 1),
+    "fhn_2layer_bidir": (1000, 32, 16, 1),
     "eigenworms": (17984, 8, 32, 6),
     "ptb_char": (150, 128, 1024, 200),
 }
+# configurations that are stacks (the same arguments for LEM and nn.LSTM); the others: one layer
+STACKS = {"fhn_2layer_bidir": dict(num_layers=2, bidirectional=True)}
 
 
 def sync(device):
@@ -105,8 +108,9 @@ def bench_config(name, device, repeats, budget_s):
     T, B, H, I = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(T, B, I, device=device)
-    modules = {backend: LEM(I, H, backend=backend).to(device) for backend in backends_for(device, H)}
-    modules["nn.LSTM"] = nn.LSTM(I, H).to(device)
+    stack = STACKS.get(name, {})
+    modules = {backend: LEM(I, H, **stack, backend=backend).to(device) for backend in backends_for(device, H)}
+    modules["nn.LSTM"] = nn.LSTM(I, H, **stack).to(device)
     fb = interleaved_medians({k: forward_backward(m, x) for k, m in modules.items()}, device, repeats, budget_s)
     f = interleaved_medians({k: forward_only(m, x) for k, m in modules.items()}, device, repeats, budget_s)
     return {k: (fb[k], f[k], memory(m, x)) for k, m in modules.items()}
@@ -116,7 +120,8 @@ def table(name, device, rows):
     T, B, H, I = CONFIGS[name]
     ref, lstm = rows["reference"], rows["nn.LSTM"]
     mem = "peak MB" if device.type == "cuda" else "saved MB"
-    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}) on {device.type}",
+    stack = "".join(f", {k} {v}" for k, v in STACKS.get(name, {}).items())
+    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}{stack}) on {device.type}",
              f"| backend | fwd+bwd ms | fwd ms | speed-up vs reference fwd+bwd / fwd | vs nn.LSTM fwd+bwd / fwd | {mem} |",
              "|---|---|---|---|---|---|"]
     for backend, (fb, f, memory) in rows.items():

@@ -54,7 +54,7 @@ class LanguageModel(nn.Module):
             self.rnn.hid2hid.bias[H:2 * H] = 0.0
 
     def forward(self, tokens, state=None):
-        """tokens (T, B) → logits (T, B, vocab), final (y, z)."""
+        """tokens (T, B) → logits (T, B, vocab), final state (y_n, z_n), each (1, B, nhid)."""
         ys, state = self.rnn(self.input_dropout(self.embedding(tokens)), state)
         return self.decoder(self.output_dropout(ys)), state
 
@@ -108,7 +108,7 @@ class PTB(lem.Task):
         self.eval_data = {split: tuple(t.to(device) for t in eval_streams(ids[split], args.eval_batch))
                           for split in ("valid", "test")}
         self.n_windows = num_windows(self.train_streams, args.bptt)
-        self.carry = None                         # (y, z) after the last training window
+        self.carry = None                         # (y_n, z_n) after the last training window, each (1, batch, nhid)
         self.averaged = None                      # AveragedModel, made in build_model
         self.averaging_from = None                # turn after which every step is averaged
         self.best, self.best_turn, self.stop_turn = None, 0, None

@@ -33,7 +33,7 @@ def assert_matches(backend, T, B, H, I, batch_first=False, with_state=False, sta
     assert kernels.resolve(backend, x.device, H, x.dtype) == backend, "the fused path did not build"
     state = None
     if with_state:
-        state = (torch.randn(B, H, device=device, requires_grad=True), torch.randn(B, H, device=device, requires_grad=True))
+        state = tuple(torch.randn(1, B, H, device=device, requires_grad=True) for _ in range(2))
     names = ["ys", "y_T", "z_T", "x", *(["y0", "z0"] if with_state else []), *(n for n, _ in ref.named_parameters())]
     for name, a, b in zip(names, run(fused, x, state), run(ref, x, state)):
         assert_close_relative(a, b, f"{backend}: {name}", tol)

@@ -12,10 +12,14 @@ def transcription(layer, x, y0=None, z0=None):
     """SPEC §1 written out with the named blocks of the parameter layout table."""
     H, dt = layer.hidden_size, layer.dt
     V2, V1, Vy, Vz = layer.inp2hid.weight.split(H)
-    bV2, bV1, bVy, bVz = layer.inp2hid.bias.split(H)
     W2, W1, Wz = layer.hid2hid.weight.split(H)
-    bW2, bW1, bWz = layer.hid2hid.bias.split(H)
-    Wy, bWy = layer.transform_z.weight, layer.transform_z.bias
+    Wy = layer.transform_z.weight
+    if layer.bias:
+        bV2, bV1, bVy, bVz = layer.inp2hid.bias.split(H)
+        bW2, bW1, bWz = layer.hid2hid.bias.split(H)
+        bWy = layer.transform_z.bias
+    else:  # bias=False: no bias anywhere
+        bV2 = bV1 = bVy = bVz = bW2 = bW1 = bWz = bWy = torch.zeros(H, dtype=x.dtype)
     b1, b2, bz, by = bV1 + bW1, bV2 + bW2, bVz + bWz, bVy + bWy
     y = torch.zeros(x.size(1), H, dtype=x.dtype) if y0 is None else y0
     z = torch.zeros(x.size(1), H, dtype=x.dtype) if z0 is None else z0
@@ -29,18 +33,20 @@ def transcription(layer, x, y0=None, z0=None):
     return torch.stack(ys), (y, z)
 
 
-@pytest.mark.parametrize("T,B,I,H,dt", [(9, 3, 4, 5, 0.3), (1, 1, 1, 7, 1.0), (20, 2, 3, 16, 0.05)])
-def test_outputs_and_gradients_match_transcription(T, B, I, H, dt):
+@pytest.mark.parametrize("T,B,I,H,dt,bias", [(9, 3, 4, 5, 0.3, True), (1, 1, 1, 7, 1.0, True), (20, 2, 3, 16, 0.05, True),
+                                           (9, 3, 4, 5, 0.3, False)])
+def test_outputs_and_gradients_match_transcription(T, B, I, H, dt, bias):
     torch.manual_seed(0)
-    layer = lem.LEM(I, H, dt=dt).double()
+    layer = lem.LEM(I, H, bias=bias, dt=dt).double()
+    assert len(list(layer.parameters())) == (6 if bias else 3)
     x = torch.randn(T, B, I, dtype=torch.double, requires_grad=True)
-    y0 = torch.randn(B, H, dtype=torch.double, requires_grad=True)
-    z0 = torch.randn(B, H, dtype=torch.double, requires_grad=True)
+    y0 = torch.randn(1, B, H, dtype=torch.double, requires_grad=True)
+    z0 = torch.randn(1, B, H, dtype=torch.double, requires_grad=True)
     ys, (yT, zT) = layer(x, (y0, z0))
-    ref_ys, (ref_y, ref_z) = transcription(layer, x, y0, z0)
+    ref_ys, (ref_y, ref_z) = transcription(layer, x, y0[0], z0[0])
     torch.testing.assert_close(ys, ref_ys)
-    torch.testing.assert_close(zT, ref_z)
-    torch.testing.assert_close(yT, ys[-1])
+    torch.testing.assert_close(zT, ref_z[None])
+    torch.testing.assert_close(yT, ys[-1:])
 
     weights = torch.randn_like(ys)
     inputs = [x, y0, z0, *layer.parameters()]
@@ -54,8 +60,8 @@ def test_gradcheck_float64():
     torch.manual_seed(1)
     layer = lem.LEM(2, 3, dt=0.5).double()
     x = torch.randn(4, 2, 2, dtype=torch.double, requires_grad=True)
-    y0 = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
-    z0 = torch.randn(2, 3, dtype=torch.double, requires_grad=True)
+    y0 = torch.randn(1, 2, 3, dtype=torch.double, requires_grad=True)
+    z0 = torch.randn(1, 2, 3, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, y0, z0: layer(x, (y0, z0))[0], (x, y0, z0))
     params = list(layer.parameters())
     assert torch.autograd.gradcheck(lambda *p: torch.func.functional_call(
@@ -107,12 +113,14 @@ def test_two_halves_with_carried_state_equal_one_run():
 
 
 @pytest.mark.parametrize("make_call, message", [
-    (lambda m: m(torch.randn(5, 3)), "dimensions"),
+    (lambda m: m(torch.randn(3)), "dimensions"),
     (lambda m: m(torch.randn(2, 5, 3, 4)), "dimensions"),
     (lambda m: m(torch.randn(5, 2, 4)), "input_size = 3"),
-    (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(2, 6), torch.zeros(2, 5))), "y0"),
-    (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(2, 5), torch.zeros(3, 5))), "z0"),
-    (lambda m: m(torch.randn(5, 2, 3), torch.zeros(2, 5)), "tuple"),
+    (lambda m: m(torch.randn(0, 2, 3)), "at least one time step"),
+    (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 6), torch.zeros(1, 2, 5))), r"y0 = state\[0\] of shape .* = \(1, 2, 5\)"),
+    (lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 5), torch.zeros(2, 5))), "z0"),
+    (lambda m: m(torch.randn(5, 3), (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))), r"\(1, 5\)"),
+    (lambda m: m(torch.randn(5, 2, 3), torch.zeros(1, 2, 5)), "tuple"),
 ])
 def test_bad_input_raises_value_error(make_call, message):
     with pytest.raises(ValueError, match=message):
@@ -132,6 +140,17 @@ def test_cell_bad_input():
         cell(torch.randn(4, 2, 3))
     with pytest.raises(ValueError, match="input_size = 3"):
         cell(torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"y0 .* \(4, 5\)"):
+        cell(torch.randn(4, 3), (torch.zeros(5), torch.zeros(5)))
+
+
+def test_cell_unbatched_is_a_batch_of_one():
+    torch.manual_seed(7)
+    cell = lem.LEMCell(3, 5, dt=0.5)
+    x, y, z = torch.randn(3), torch.randn(5), torch.randn(5)
+    one = cell(x, (y, z))
+    batch = cell(x[None], (y[None], z[None]))
+    torch.testing.assert_close(one, tuple(s[0] for s in batch))
 
 
 def test_state_dropout_zero_equals_plain_layer_and_eval_ignores_it():
