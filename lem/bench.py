@@ -4,13 +4,20 @@
     python -m lem.bench --devices cuda       # CUDA: the reference loop, each GPU tier, nn.LSTM (cuDNN)
     python -m lem.bench --configs fhn smnist_h128 --devices cpu --threads 1
 
-For each configuration and device: forward+backward and forward-only wall time (median of
-several runs after a warm-up; the backends take turns in every round, so that other load on a
-shared machine hits all of them alike), their ratios to the reference loop and to nn.LSTM of the same
-hidden size, and the memory the autograd graph holds for backward (CPU) or the peak allocated
-memory (CUDA).
+For each configuration and device, wall times (median of several runs after a warm-up; the
+backends take turns in every round, so that other load on a shared machine hits all of them alike)
+with their ratios to nn.LSTM of the same hidden size:
+  - forward+backward (also against the reference loop), and the memory the autograd graph holds
+    for backward (CPU) or the peak allocated memory (CUDA);
+  - forward only, with grad mode on (what a training forward keeps) and under torch.no_grad()
+    (evaluation), and the peak memory each adds: on CUDA the peak allocated, on CPU the growth of
+    the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) over a call
+    started with the allocators' caches handed back.
 """
 import argparse
+import ctypes
+import gc
+import re
 import statistics
 import time
 
@@ -18,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
+from .kernels import cpu
 from .model import LEM
 
 # name: (T, B, H, I), SPEC §3
@@ -25,6 +33,7 @@ CONFIGS = {
     "smnist_h128": (784, 128, 128, 1),
     "smnist_h256": (784, 128, 256, 1),
     "fhn": (1000, 32, 16, 1),
+    "fhn_b256": (1000, 256, 16, 1),  # evaluation-sized batch
     "fhn_2layer_bidir": (1000, 32, 16, 1),
     "eigenworms": (17984, 8, 32, 6),
     "ptb_char": (150, 128, 1024, 200),
@@ -79,8 +88,38 @@ def memory(module, x):
     return saved_bytes(lambda: module(x))[0]
 
 
+def peak_bytes(fn, device):
+    """Peak memory fn() adds (see the module docstring); None where it cannot be measured."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device) - start
+    try:
+        cpu.empty_cache()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        start = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        fn()
+        return (_status_kb("VmHWM") - start) * 1024
+    except (OSError, AttributeError):  # not Linux with glibc
+        return None
+
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
 def forward_backward(module, x):
     return lambda: module(x)[0].sum().backward()
+
+
+def forward_train(module, x):
+    """A forward with grad mode on (the parameters require grad): it keeps what a backward needs."""
+    return lambda: module(x)
 
 
 def forward_only(module, x):
@@ -104,16 +143,28 @@ def runs(backend, device, H):
 
 
 def bench_config(name, device, repeats, budget_s):
-    """{backend: (forward+backward s, forward s, memory bytes)} for one configuration."""
+    """{backend: {"fwd+bwd", "fwd train", "fwd no_grad": s, "memory", "peak train", "peak no_grad": bytes}}
+    for one configuration."""
     T, B, H, I = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(T, B, I, device=device)
     stack = STACKS.get(name, {})
     modules = {backend: LEM(I, H, **stack, backend=backend).to(device) for backend in backends_for(device, H)}
     modules["nn.LSTM"] = nn.LSTM(I, H, **stack).to(device)
-    fb = interleaved_medians({k: forward_backward(m, x) for k, m in modules.items()}, device, repeats, budget_s)
-    f = interleaved_medians({k: forward_only(m, x) for k, m in modules.items()}, device, repeats, budget_s)
-    return {k: (fb[k], f[k], memory(m, x)) for k, m in modules.items()}
+    modes = {"fwd+bwd": forward_backward, "fwd train": forward_train, "fwd no_grad": forward_only}
+    rows = {k: {} for k in modules}
+    for mode, make in modes.items():
+        for k, seconds in interleaved_medians({k: make(m, x) for k, m in modules.items()}, device, repeats, budget_s).items():
+            rows[k][mode] = seconds
+    for k, m in modules.items():
+        rows[k]["memory"] = memory(m, x)
+        rows[k]["peak train"] = peak_bytes(forward_train(m, x), device)
+        rows[k]["peak no_grad"] = peak_bytes(forward_only(m, x), device)
+    return rows
+
+
+def megabytes(n):
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
 def table(name, device, rows):
@@ -122,11 +173,17 @@ def table(name, device, rows):
     mem = "peak MB" if device.type == "cuda" else "saved MB"
     stack = "".join(f", {k} {v}" for k, v in STACKS.get(name, {}).items())
     lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}{stack}) on {device.type}",
-             f"| backend | fwd+bwd ms | fwd ms | speed-up vs reference fwd+bwd / fwd | vs nn.LSTM fwd+bwd / fwd | {mem} |",
-             "|---|---|---|---|---|---|"]
-    for backend, (fb, f, memory) in rows.items():
-        lines.append(f"| {backend} | {fb * 1e3:.1f} | {f * 1e3:.1f} | {ref[0] / fb:.2f}x / {ref[1] / f:.2f}x | "
-                     f"{lstm[0] / fb:.2f}x / {lstm[1] / f:.2f}x | {memory / 2**20:.1f} |")
+             f"| backend | fwd+bwd ms | speed-up vs reference | vs nn.LSTM | {mem} |", "|---|---|---|---|---|"]
+    for backend, r in rows.items():
+        fb = r["fwd+bwd"]
+        lines.append(f"| {backend} | {fb * 1e3:.1f} | {ref['fwd+bwd'] / fb:.2f}x | {lstm['fwd+bwd'] / fb:.2f}x | "
+                     f"{megabytes(r['memory'])} |")
+    lines += ["", "| backend | forward | ms | speed-up vs reference | vs nn.LSTM | peak MB |", "|---|---|---|---|---|---|"]
+    for backend, r in rows.items():
+        for mode, label in (("train", "grad mode on"), ("no_grad", "no_grad")):
+            f = r[f"fwd {mode}"]
+            lines.append(f"| {backend} | {label} | {f * 1e3:.1f} | {ref[f'fwd {mode}'] / f:.2f}x | "
+                         f"{lstm[f'fwd {mode}'] / f:.2f}x | {megabytes(r[f'peak {mode}'])} |")
     return "\n".join(lines)
 
 

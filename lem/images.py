@@ -160,7 +160,7 @@ class ImageTask(Task):
     higher_is_better = True
     input_size = None
     valid_size = None            # SPEC: the size of the validation part cut from the training set
-    eval_chunk = 500             # images per forward pass in evaluation (~1-2 GB of activations)
+    eval_chunk = 500             # images per forward pass in evaluation (0.2-0.4 GB of layer outputs)
 
     @classmethod
     def add_arguments(cls, parser):

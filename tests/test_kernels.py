@@ -69,6 +69,60 @@ def test_fused_cpu_float64_and_eval_mode():
         torch.testing.assert_close(fused(x)[1][1], ref(x)[1][1], rtol=1e-12, atol=1e-12)
 
 
+class KernelSpy:
+    """Stands in for the compiled extension: records, per forward call, whether it was asked to keep
+    activations and how many tensors it returned (3 when it kept them, ys and z_T only when not)."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def forward(self, *args):
+        out = self.module.forward(*args)
+        self.calls.append((args[-1], len(out)))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+@pytest.mark.parametrize("T, B, H, I, batch_first, with_state, state_dropout", [
+    (40, 37, 16, 1, False, False, 0.0),  # per-row strategy: blocks of 8 rows, 5 leftover rows
+    (30, 7, 32, 6, True, True, 0.3),     # blocks of 4 rows (too few rows for 8), batch_first, y0/z0, mask
+    (25, 9, 40, 3, False, True, 0.0),    # H not fixed at compile time
+    (250, 9, 70, 5, False, True, 0.2),   # per-step GEMMs; the input projection in two blocks of steps
+])
+def test_forward_only_is_the_training_forward_bit_for_bit(monkeypatch, T, B, H, I, batch_first, with_state, state_dropout):
+    spy = KernelSpy(cpu.load())
+    monkeypatch.setattr(cpu, "_module", spy)
+    torch.manual_seed(0)
+    layer = lem.LEM(I, H, dt=0.6, batch_first=batch_first, state_dropout=state_dropout, backend="cpp")
+    x = torch.randn((B, T, I) if batch_first else (T, B, I))
+    state = (torch.randn(B, H), torch.randn(B, H)) if with_state else None
+    torch.manual_seed(1)  # the same state-dropout mask in both calls
+    ys, (y, z) = layer(x, state)  # grad mode on, the parameters require grad: keeps activations
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ys_inf, (y_inf, z_inf) = layer(x, state)
+    assert spy.calls == [(True, 3), (False, 2)]
+    for name, a, b in (("ys", ys, ys_inf), ("y_T", y, y_inf), ("z_T", z, z_inf)):
+        assert torch.equal(a, b), f"{name} of the forward-only path differs from the training forward"
+
+
+def test_activations_are_kept_only_when_a_backward_can_follow(monkeypatch):
+    spy = KernelSpy(cpu.load())
+    monkeypatch.setattr(cpu, "_module", spy)
+    layer = lem.LEM(2, 16, backend="cpp")
+    x = torch.randn(5, 3, 2)
+    with torch.no_grad():
+        layer(x)  # the parameters require grad, grad mode is off
+    with torch.inference_mode():
+        layer(x)
+    layer.requires_grad_(False)
+    layer(x)  # grad mode on, nothing requires grad
+    layer(x.requires_grad_())  # the input requires grad
+    assert spy.calls == [(False, 2), (False, 2), (False, 2), (True, 3)]
+
+
 def test_fused_cpu_large_buffers_are_reused_safely():
     """Buffers over 1 MB come from the extension's cache: a second call must not write into the
     outputs of the first one still held, and partial losses (only z_T; x without grad) must match."""
@@ -140,8 +194,18 @@ def test_bench_measures_every_backend(monkeypatch):
     monkeypatch.setitem(bench.CONFIGS, "tiny", (6, 4, 8, 2))
     rows = bench.bench_config("tiny", torch.device("cpu"), repeats=1, budget_s=1.0)
     assert set(rows) == {"reference", "cpp", "nn.LSTM"}
-    assert all(fb > 0 and f > 0 and memory > 0 for fb, f, memory in rows.values())
-    assert "| cpp |" in bench.table("tiny", torch.device("cpu"), rows)
+    for r in rows.values():
+        assert r["fwd+bwd"] > 0 and r["fwd train"] > 0 and r["fwd no_grad"] > 0 and r["memory"] > 0
+        assert r["peak train"] is None or r["peak train"] >= 0
+    text = bench.table("tiny", torch.device("cpu"), rows)
+    assert "| cpp | no_grad |" in text and "| nn.LSTM | grad mode on |" in text
+
+
+def test_bench_peak_memory_sees_a_large_allocation():
+    if bench.peak_bytes(lambda: None, torch.device("cpu")) is None:
+        pytest.skip("peak resident memory is measured on Linux with glibc only")
+    big = 64 * 2**20
+    assert bench.peak_bytes(lambda: torch.ones(big // 4), torch.device("cpu")) >= big * 0.9
 
 
 def test_harness_backend_flag_trains_the_same_model(tmp_path):

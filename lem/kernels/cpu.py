@@ -51,10 +51,9 @@ class FusedLEMCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-        keep = any(ctx.needs_input_grad)
-        ys, zs, *acts = load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep)
+        ys, zs, acts = load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, True)
         ctx.dt = dt
-        ctx.save_for_backward(x, w_in, y0, z0, w_hh, w_tz, mask, ys, zs, *acts)
+        ctx.save_for_backward(x, w_in, y0, z0, w_hh, w_tz, mask, ys, zs, acts)
         return ys, zs[-1]
 
     @staticmethod
@@ -66,8 +65,20 @@ class FusedLEMCPU(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def forward_only(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
+    """(ys, z_T) without anything kept for a backward: no per-step z_n or activations are written.
+    The same bits as FusedLEMCPU's forward."""
+    ys, z_T = load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, False)
+    return ys, z_T[0]
+
+
 def lem_cpu(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-    return FusedLEMCPU.apply(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt)
+    """The layer; keeps activations only when a backward can follow (grad mode on and some input
+    requires grad), else runs forward_only."""
+    inputs = (x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return FusedLEMCPU.apply(*inputs, dt)
+    return forward_only(*inputs, dt)
 
 
 def empty_cache():

@@ -1,8 +1,9 @@
 // Fused CPU LEM (SPEC §1): the whole layer, forward and backward, in one C++ call each.
 //
-// The input projection x W_in^T of all T steps is one GEMM before the loop. Per step only the two
-// recurrent products (y_{n-1} into hid2hid, z_n into transform_z) remain; the elementwise work of a
-// step is one plain loop per half-step. Two strategies for those products:
+// The input projection x W_in^T is computed as the loop goes (per step and block of rows, or per block
+// of steps), never as one (T, B, 4H) buffer. Per step the two recurrent products (y_{n-1} into
+// hid2hid, z_n into transform_z) follow; the elementwise work of a step is one plain loop per half-step.
+// Two strategies for those products:
 //   - small H: batch rows are independent over the whole sequence, so each thread takes some rows
 //     and runs all T steps for them with hand-written mat-vecs (weights stay in L1/L2, no
 //     per-step synchronisation or library call);
@@ -144,15 +145,14 @@ template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + exp_(-x)); }
 inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
 inline double tanh_(double x) { return std::tanh(x); }
 
-// Calls f(b0, full) for blocks of kRowBlock rows (full) and then the leftover single rows.
-constexpr int kRowBlock = 4;
-template <typename F> inline void for_row_blocks(int64_t B, int64_t work_per_row, const F& f) {
-  const int64_t blocks = B / kRowBlock, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1));
+// Calls f(b0, full) for blocks of RB rows (full) and then the leftover single rows.
+template <int RB, typename F> inline void for_row_blocks(int64_t B, int64_t work_per_row, const F& f) {
+  const int64_t blocks = B / RB, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t i0, int64_t i1) {
     FlushDenormals ftz;
-    for (int64_t i = i0; i < i1; ++i) f(i * kRowBlock, true);
+    for (int64_t i = i0; i < i1; ++i) f(i * RB, true);
   });
-  for (int64_t b = blocks * kRowBlock; b < B; ++b) f(b, false);
+  for (int64_t b = blocks * RB; b < B; ++b) f(b, false);
 }
 
 template <typename F> inline void for_rows(int64_t B, int64_t work_per_row, const F& f) {
@@ -201,8 +201,9 @@ inline int64_t rows_vecmat_avx2(const float* __restrict v, const float* __restri
 #if defined(__AVX512F__)
 // With AVX-512: tiles of R x 48 outputs (3R accumulators; the 32 vector registers hold them), then
 // R x 16 with the sum over k split into even and odd k, so that enough independent FMA chains hide
-// the FMA latency in the narrow products of the backward (N = H).
-template <int R>
+// the FMA latency in the narrow products of the backward (N = H). InOrder leaves the R x 16 tiles out
+// (the AVX2 ones sum in order).
+template <int R, bool InOrder>
 inline int64_t rows_vecmat_avx512(const float* __restrict v, const float* __restrict m,
                                   float* __restrict out, int64_t K, int64_t N, int64_t ldv) {
   int64_t j0 = 0;
@@ -225,6 +226,7 @@ inline int64_t rows_vecmat_avx512(const float* __restrict v, const float* __rest
       _mm512_storeu_ps(out + r * N + j0 + 32, a2[r]);
     }
   }
+  if constexpr (InOrder) return j0;
   for (; j0 + 16 <= N; j0 += 16) {
     __m512 even[R], odd[R];
     for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
@@ -246,7 +248,10 @@ inline int64_t rows_vecmat_avx512(const float* __restrict v, const float* __rest
 }
 #endif
 
-template <int R, typename T>
+// InOrder: every output is the sum over k = 0, 1, ... in that order, one FMA per term, which is what
+// MKL's sgemm computes for many rows: the input projection (x W_in^T) gets the bits of the one GEMM
+// over all T·B rows the kernel ran before it was done step by step.
+template <int R, bool InOrder = false, typename T>
 inline void rows_vecmat(const T* __restrict v, const T* __restrict m, T* __restrict out,
                         int64_t K, int64_t N, int64_t ldv = 0) {
   if (ldv == 0) ldv = K;
@@ -255,7 +260,7 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, T* __restr
 #if defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<T, float>) {
 #if defined(__AVX512F__)
-    j0 = rows_vecmat_avx512<R>(v, m, out, K, N, ldv);
+    j0 = rows_vecmat_avx512<R, InOrder>(v, m, out, K, N, ldv);
 #endif
     j0 = rows_vecmat_avx2<R>(v, m, out, K, N, ldv, j0);
   }
@@ -342,11 +347,12 @@ template <typename T> inline void times_mask(const T* __restrict v, const T* __r
 
 struct Sizes { int64_t T, B, H; };
 
-// The forward's pointers. ys, zs (T, B, H) and acts (T, B, 4H) are written step by step. Without
-// a backward to feed, zs and acts are null: z_n and the activations go to scratch, and z_T ends in
-// z_tmp (2, B, H) (see lem_forward).
+// The forward's pointers. x (T, B, I) is the input; ys, zs (T, B, H) and acts (T, B, 4H) are
+// written step by step. Without a backward to feed, zs and acts are null: z_n and the activations go
+// to scratch, and z_T ends in z_tmp (2, B, H) (see lem_forward).
 template <typename T> struct Forward {
-  const T *u, *y0, *z0, *bias, *mask;
+  const T *x, *y0, *z0, *bias, *mask;
+  int64_t I;
   T dt;
   T *ys, *zs, *acts, *z_tmp;
 };
@@ -363,23 +369,26 @@ template <typename F> inline void with_fixed_h(int64_t H, const F& f) {
 
 // The per-row strategy (H <= kRowwiseMaxH). HC > 0 fixes H at compile time: with known trip
 // counts the tiny inner loops unroll and vectorise fully (3x faster at H = 16); HC = 0 is any H.
-// whh_t (H, 3H) and wtz_t (H, H) are the transposed weights.
+// win_t (I, 4H), whh_t (H, 3H) and wtz_t (H, H) are the transposed weights. Each step's input
+// projection is computed here for the R rows (in k order, so it has the bits of one big GEMM), so
+// nothing of size T·B·4H is written or read.
 template <typename T, int HC>
-void forward_rows(Sizes s, const Forward<T>& f, const T* whh_t, const T* wtz_t) {
-  const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H;
+void forward_rows(Sizes s, const Forward<T>& f, const T* win_t, const T* whh_t, const T* wtz_t) {
+  const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H, I = f.I;
   // rows b0..b0+R-1 over all T steps; the R rows of one step are contiguous in every (T, B, ·) buffer
   auto rows = [&](auto r_const, int64_t b0) {
     constexpr int R = decltype(r_const)::value;
-    T h[R * 3 * kRowwiseMaxH], q[R * kRowwiseMaxH], ym[R * kRowwiseMaxH], a_own[R * 4 * kRowwiseMaxH], z_own[2][R * kRowwiseMaxH];
+    T u[R * 4 * kRowwiseMaxH], h[R * 3 * kRowwiseMaxH], q[R * kRowwiseMaxH], ym[R * kRowwiseMaxH];
+    T a_own[R * 4 * kRowwiseMaxH], z_own[2][R * kRowwiseMaxH];
     const T* mb = f.mask ? f.mask + b0 * H : nullptr;
     const T* yp = f.y0 + b0 * H;
     const T* zp = f.z0 + b0 * H;
     for (int64_t n = 0; n < Tn; ++n) {
       const int64_t row = n * B + b0;
-      const T* u = f.u + row * 4 * H;
       T* y = f.ys + row * H;
       T* z = f.zs ? f.zs + row * H : z_own[n & 1];
       T* a = f.acts ? f.acts + row * 4 * H : a_own;
+      rows_vecmat<R, true>(f.x + row * I, win_t, u, I, 4 * H);
       if (mb) times_mask(yp, mb, ym, R * H);
       rows_vecmat<R>(mb ? ym : yp, whh_t, h, H, 3 * H);
       for (int r = 0; r < R; ++r) fwd_z(u + r * 4 * H, h + r * 3 * H, f.bias, zp + r * H, z + r * H, a + r * 4 * H, H, f.dt);
@@ -391,35 +400,65 @@ void forward_rows(Sizes s, const Forward<T>& f, const T* whh_t, const T* wtz_t) 
     }
     if (!f.zs) std::memcpy(f.z_tmp + b0 * H, zp, R * H * sizeof(T));  // z_T of these rows
   };
-  for_row_blocks(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
-    if (full) rows(std::integral_constant<int, kRowBlock>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
-  });
+  // Blocks of 8 rows run faster than blocks of 4 (more independent FMA chains per weight load: ~10 %
+  // at H = 16, 32, 64, one thread) when there are enough of them to keep every thread busy. Every
+  // row's arithmetic is the same in either.
+  if (B >= 8 * at::get_num_threads()) {
+    for_row_blocks<8>(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
+      if (full) rows(std::integral_constant<int, 8>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
+    });
+  } else {
+    for_row_blocks<4>(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
+      if (full) rows(std::integral_constant<int, 4>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
+    });
+  }
 }
 
 // The per-step GEMM strategy (H > kRowwiseMaxH): the GEMMs write into (B, ·) scratch that stays in cache.
+// The input projection runs as one GEMM per block of steps (about kProjectionBytes of it, so it
+// stays in L2, but at least kProjectionRows rows; the last block takes the leftover steps too), into a
+// buffer reused by every block. MKL's sgemm gives these blocks the bits of one GEMM over all T·B rows
+// (checked on the experiments' shapes); with very few rows it may pick kernels that sum in another order.
+constexpr int64_t kProjectionBytes = int64_t(1) << 20, kProjectionRows = 256;
+
 template <typename T>
-void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
-  const int64_t Tn = s.T, B = s.B, H = s.H;
+void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at::Tensor& w_hh, const at::Tensor& w_tz,
+                  const at::TensorOptions& opt) {
+  const int64_t Tn = s.T, B = s.B, H = s.H, I = f.I;
+  const int64_t steps = std::clamp<int64_t>(std::max(kProjectionBytes / (B * 4 * H * int64_t(sizeof(T))),
+                                                     (kProjectionRows + B - 1) / B), 1, Tn);
+  const int64_t last_block = (Tn / steps - 1) * steps;  // first step of the last block
+  at::Tensor u_block = at::empty({(Tn - last_block) * B, 4 * H}, opt);
   at::Tensor h = at::empty({B, 3 * H}, opt), q = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
-  at::Tensor a_own = f.acts ? at::Tensor() : at::empty({B, 4 * H}, opt);
-  const at::Tensor w_hh_t = w_hh.t(), w_tz_t = w_tz.t();
+  // without a backward, each thread writes the activations of all its rows into one 4H scratch (in L1)
+  at::Tensor scratch = f.acts ? at::Tensor() : at::empty({at::get_num_threads(), 4 * H}, opt);
+  const at::Tensor w_in_t = w_in.t(), w_hh_t = w_hh.t(), w_tz_t = w_tz.t();
   T *hp = h.data_ptr<T>(), *qp = q.data_ptr<T>(), *ymp = ym.data_ptr<T>();
+  auto acts_of = [&](int64_t n, int64_t b) {
+    return f.acts ? f.acts + (n * B + b) * 4 * H : scratch.data_ptr<T>() + at::get_thread_num() * 4 * H;
+  };
   const T* yp = f.y0;
   const T* zp = f.z0;
+  const T* u_steps = nullptr;  // the projection of step n is u_steps + n * B * 4H
   if (f.mask) times_mask(yp, f.mask, ymp, B * H);
   for (int64_t n = 0; n < Tn; ++n) {
-    const T* u = f.u + n * B * 4 * H;
+    if (n % steps == 0 && n <= last_block) {
+      const int64_t rows = (n == last_block ? Tn - n : steps) * B;
+      at::Tensor u_rows = u_block.narrow(0, 0, rows);
+      at::mm_out(u_rows, at::from_blob(const_cast<T*>(f.x + n * B * I), {rows, I}, opt), w_in_t);
+      u_steps = u_block.data_ptr<T>() - n * B * 4 * H;
+    }
+    const T* u = u_steps + n * B * 4 * H;
     T* y = f.ys + n * B * H;
     T* z = f.zs ? f.zs + n * B * H : f.z_tmp + (n & 1) * B * H;
-    T* a = f.acts ? f.acts + n * B * 4 * H : a_own.data_ptr<T>();
     at::mm_out(h, at::from_blob(const_cast<T*>(f.mask ? ymp : yp), {B, H}, opt), w_hh_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) fwd_z(u + b * 4 * H, hp + b * 3 * H, f.bias, zp + b * H, z + b * H, a + b * 4 * H, H, f.dt);
+      for (int64_t b = b0; b < b1; ++b) fwd_z(u + b * 4 * H, hp + b * 3 * H, f.bias, zp + b * H, z + b * H, acts_of(n, b), H, f.dt);
     });
     at::mm_out(q, at::from_blob(z, {B, H}, opt), w_tz_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        fwd_y(u + b * 4 * H, hp + b * 3 * H, f.bias, qp + b * H, yp + b * H, y + b * H, a + b * 4 * H, H, f.dt);
+        fwd_y(u + b * 4 * H, hp + b * 3 * H, f.bias, qp + b * H, yp + b * H, y + b * H, acts_of(n, b), H, f.dt);
         if (f.mask) times_mask(y + b * H, f.mask + b * H, ymp + b * H, H);  // the next step's GEMM input
       }
     });
@@ -468,8 +507,8 @@ void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
     }
     for (int64_t i = 0; i < R * H; ++i) gy[i] += mb ? dym[i] * mb[i] : dym[i];
   };
-  for_row_blocks(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
-    if (full) rows(std::integral_constant<int, kRowBlock>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
+  for_row_blocks<4>(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
+    if (full) rows(std::integral_constant<int, 4>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
   });
 }
 
@@ -523,15 +562,17 @@ void check(const at::Tensor& t, int64_t width, const at::Tensor& y0, const char*
 
 }  // namespace
 
-// x (T, B, I), w_in (4H, I), b_in (4H): the input projection x W_in^T of all T steps is one GEMM here,
-// into a cached buffer that is not kept for backward (its bias is added with the others in the loop).
-// Returns ys (T, B, H), zs (T, B, H) and the activations acts (T, B, 4H) when keep (for a backward),
-// else ys and only z_T as (1, B, H).
+// x (T, B, I), w_in (4H, I), b_in (4H). Returns ys (T, B, H), zs (T, B, H) and the activations
+// acts (T, B, 4H) when keep (for a backward), else ys and only z_T as (1, B, H). keep changes only
+// where z_n and the activations are written, never what is computed: ys and z_T are the same bits.
 std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, at::Tensor b_in, at::Tensor y0, at::Tensor z0,
                                     at::Tensor w_hh, at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
                                     c10::optional<at::Tensor> mask_opt, double dt, bool keep) {
   TORCH_CHECK(x.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
   TORCH_CHECK(x.dim() == 3 && x.size(0) > 0 && w_in.size(0) == 4 * y0.size(1), "lem_cpu: x must be (T, B, I) with T > 0");
+  TORCH_CHECK(x.scalar_type() == y0.scalar_type() && w_in.scalar_type() == y0.scalar_type(),
+              "lem_cpu: x, the state and the weights must have one dtype");
+  x = x.contiguous(); w_in = w_in.contiguous();
   y0 = y0.contiguous(); z0 = z0.contiguous();
   w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
   const Sizes s{x.size(0), x.size(1), y0.size(1)};
@@ -539,23 +580,22 @@ std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, at::Tensor b_
   const at::Tensor bias = b_in + at::cat({b_hh.narrow(0, 0, 2 * H), b_tz, b_hh.narrow(0, 2 * H, H)});
   const at::Tensor mask = opt_mask(mask_opt);
   const auto opt = y0.options();
-  at::Tensor u_proj = empty_large({s.T, s.B, 4 * s.H}, opt);
-  at::Tensor u2 = u_proj.view({s.T * s.B, 4 * s.H});
-  at::mm_out(u2, x.reshape({s.T * s.B, x.size(2)}), w_in.t());
   at::Tensor ys = empty_large({s.T, s.B, s.H}, opt);
   at::Tensor zs = keep ? empty_large({s.T, s.B, s.H}, opt) : at::empty({2, s.B, s.H}, opt);
   at::Tensor acts = keep ? empty_large({s.T, s.B, 4 * s.H}, opt) : at::Tensor();
   FlushDenormals ftz;
-  AT_DISPATCH_FLOATING_TYPES(u_proj.scalar_type(), "lem_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lem_forward", [&] {
     using T = scalar_t;
-    const Forward<T> f{u_proj.data_ptr<T>(), y0.data_ptr<T>(), z0.data_ptr<T>(), bias.data_ptr<T>(),
-                       ptr_or_null<T>(mask), static_cast<T>(dt), ys.data_ptr<T>(), keep ? zs.data_ptr<T>() : nullptr,
+    const Forward<T> f{x.data_ptr<T>(), y0.data_ptr<T>(), z0.data_ptr<T>(), bias.data_ptr<T>(), ptr_or_null<T>(mask),
+                       x.size(2), static_cast<T>(dt), ys.data_ptr<T>(), keep ? zs.data_ptr<T>() : nullptr,
                        ptr_or_null<T>(acts), keep ? nullptr : zs.data_ptr<T>()};
     if (s.H <= kRowwiseMaxH) {
-      const at::Tensor whh_t = w_hh.t().contiguous(), wtz_t = w_tz.t().contiguous();
-      with_fixed_h(s.H, [&](auto hc) { forward_rows<T, decltype(hc)::value>(s, f, whh_t.data_ptr<T>(), wtz_t.data_ptr<T>()); });
+      const at::Tensor win_t = w_in.t().contiguous(), whh_t = w_hh.t().contiguous(), wtz_t = w_tz.t().contiguous();
+      with_fixed_h(s.H, [&](auto hc) {
+        forward_rows<T, decltype(hc)::value>(s, f, win_t.data_ptr<T>(), whh_t.data_ptr<T>(), wtz_t.data_ptr<T>());
+      });
     } else {
-      forward_gemm<T>(s, f, w_hh, w_tz, opt);
+      forward_gemm<T>(s, f, w_in, w_hh, w_tz, opt);
     }
   });
   if (keep) return {ys, zs, acts};
