@@ -1,17 +1,19 @@
 """Adding task (SPEC §3.1). Paper: LEM converges to test MSE ~1e-4 ... 1e-5 at T = 2000/5000/10000.
 
     python adding/train.py                                  # T = 10000, the paper's run
-    python adding/train.py --seq_length 2000
-    python adding/train.py --seq_length 200 --max_iter 3000 # a few minutes on a laptop
+    python adding/train.py --seq-length 2000
+    python adding/train.py --seq-length 200 --max-iter 3000 # a few minutes on a laptop
 
 A fresh training batch every iteration; every 100 iterations ("an epoch" in the logs) the test
-MSE on 1000 held-out samples. The test samples are drawn once (from seed + 1) so every point of
-the curve is measured on the same set; the reference drew 1000 new ones each time.
+MSE on 1000 held-out samples. The run ends after --max-iter iterations, or after --epochs such
+evaluations if that comes first. The test samples are drawn once (from seed + 1) so every point
+of the curve is measured on the same set; the reference drew 1000 new ones each time.
 """
 import torch
 import torch.nn.functional as F
 
 import lem
+from lem.harness import at_least
 from data import adding_batch
 
 EVAL_EVERY = 100
@@ -23,19 +25,18 @@ class Adding(lem.Task):
     higher_is_better = False
     paper = "1e-4 ... 1e-5"
     baseline = 0.167  # always predicting 1 (the mean of the target): its variance, 1/6
-    defaults = dict(nhid=128, batch=50, lr=0.0026, dt=0.0242, seed=5544)
+    defaults = dict(nhid=128, batch=50, lr=0.0026, dt=0.0242, seed=5544, epochs=None)
+    epoch = f"{EVAL_EVERY} iterations; default: as many as --max-iter makes"
     eval_splits = ("test",)
 
     @staticmethod
     def add_arguments(parser):
-        parser.add_argument("--seq_length", type=int, default=10000, help="T")
-        parser.add_argument("--max_iter", type=int, default=30000, help="training iterations")
-        parser.add_argument("--test_size", type=int, default=1000)
+        parser.add_argument("--seq-length", type=at_least(2), default=10000, help="T")
+        parser.add_argument("--max-iter", type=at_least(1), default=30000, help="training iterations")
+        parser.add_argument("--test-size", type=at_least(1), default=1000)
 
     def __init__(self, args, device):
         super().__init__(args, device)
-        if args.seq_length < 2:
-            raise SystemExit("--seq_length must be at least 2")
         self.test = adding_batch(args.seq_length, args.test_size, torch.Generator().manual_seed(args.seed + 1))
 
     def run_name(self):
@@ -43,10 +44,12 @@ class Adding(lem.Task):
         return f"{a.model}_T{a.seq_length}_h{a.nhid}_seed{a.seed}"
 
     def num_epochs(self):
-        return -(-self.args.max_iter // EVAL_EVERY)
+        epochs = -(-self.args.max_iter // EVAL_EVERY)
+        return min(epochs, self.args.epochs) if self.args.epochs is not None else epochs
 
     def build_model(self):
-        return lem.RNNModel(self.args.model, 2, self.args.nhid, 1, dt=self.args.dt)
+        a = self.args
+        return lem.RNNModel(a.model, 2, a.nhid, 1, dt=a.dt, backend=a.backend)
 
     def train_batches(self, epoch):
         first = epoch * EVAL_EVERY

@@ -5,7 +5,8 @@ random_state=1234) into valid and test. Labels are encoded with sklearn's LabelE
 
 sktime downloads a dataset it does not ship once into <data_dir>/uea_ucr/<NAME>/ (its datasets
 bundled in the package are read where they are); the split tensors are cached in
-<data_dir>/eigenworms/<NAME>.pt with a manifest (lem.data.cached).
+<data_dir>/eigenworms/<NAME>.pt with a manifest (lem.data.cached). synthetic_splits stands in
+for EigenWorms with random series of its real shape (for timing without the files).
 """
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from sktime.datasets import load_UCR_UEA_dataset, tsc_dataset_names
 
-from lem.data import cached, pad_series
+from lem.data import DataError, cached, pad_series
 
 SPLIT_SEED = 1234
 MIRROR = "https://timeseriesclassification.com/aeon-toolkit/{}.zip"  # what sktime falls back to
@@ -36,13 +37,13 @@ def read_dataset(name, folder):
         X, y = load_UCR_UEA_dataset(name, extract_path=None if folder == BUNDLED else str(folder))
     except Exception as e:  # sktime raises RuntimeError (or OSError) when every mirror fails
         reason = str(e).replace("\n", "; ")
-        raise SystemExit(f"could not get the UEA/UCR dataset {name} through sktime ({reason}). "
+        raise DataError(f"could not get the UEA/UCR dataset {name} through sktime ({reason}). "
                          f"Download {MIRROR.format(name)} by hand and unzip it so that "
                          f"{folder / name / (name + '_TRAIN.ts')} and _TEST.ts exist.") from None
     series = [[X.iat[i, c].to_numpy() for c in range(X.shape[1])] for i in range(len(X))]
     lengths = [{len(ch) for ch in s} for s in series]
     if any(len(n) != 1 for n in lengths):
-        raise ValueError(f"{name}: the channels of a series have different lengths; expected one length per series")
+        raise DataError(f"{name}: the channels of a series have different lengths; expected one length per series")
     return [np.stack(s, axis=1) for s in series], y
 
 
@@ -69,10 +70,19 @@ def build(name, folder):
 def load_splits(name, data_dir):
     """{'splits': {part: (x (T, N, C) float, y (N,) long, lengths (N,))}, 'classes': [...]}."""
     if name not in KNOWN and not (BUNDLED / name / f"{name}_TRAIN.ts").exists():
-        raise ValueError(f"{name!r} is not a UEA/UCR classification dataset sktime knows; expected one of "
-                         f"sktime.datasets.tsc_dataset_names.univariate or .multivariate, e.g. EigenWorms")
+        raise DataError(f"--dataset {name!r} is not a UEA/UCR classification dataset sktime knows; expected one of "
+                        f"sktime.datasets.tsc_dataset_names.univariate or .multivariate, e.g. EigenWorms")
     folder = source_folder(name, data_dir)
     sources = [folder / name / f"{name}_{part}.ts" for part in ("TRAIN", "TEST")]
     params = {"dataset": name, "merge": "train+test", "split": "train_test_split 0.3 then 0.5",
               "split_seed": SPLIT_SEED, "labels": "LabelEncoder", "layout": "time-first, zero-padded"}
     return cached(Path(data_dir) / "eigenworms" / f"{name}.pt", lambda: build(name, folder), sources, params)
+
+
+def synthetic_splits(name, data_dir, n=259, length=17984, channels=6, classes=5):
+    """What load_splits returns, for random series of EigenWorms' shape (SPEC §3.2) split as the real ones."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(length, n, channels, generator=g), torch.randint(0, classes, (n,), generator=g)
+    splits = {part: (x[:, idx].contiguous(), y[idx], torch.full((len(idx),), length))
+              for part, idx in ((p, torch.from_numpy(i)) for p, i in split(n).items())}
+    return {"splits": splits, "classes": [str(c) for c in range(classes)]}

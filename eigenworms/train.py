@@ -7,7 +7,8 @@ Paper: LEM test accuracy 92.3 %, a mean over seeds.
 
 Logits = Linear(y) at each series' own last step (series of unequal length are zero-padded;
 the padding is never read). Valid and test are evaluated in chunks of --eval_batch series (the
-reference: each as one batch; the same figures up to float rounding).
+reference: each as one batch; the same figures up to float rounding). Its epoch time:
+`python -m lem.bench epoch eigenworms --synthetic` (docs/timeseries.md).
 """
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 
 import lem
 from lem.data import padded_batch
-from data import load_splits
+from lem.harness import at_least
+from data import load_splits, synthetic_splits
 
 
 class UEAClassification(lem.Task):
@@ -25,18 +27,16 @@ class UEAClassification(lem.Task):
     higher_is_better = True
     paper = 92.3
     defaults = dict(nhid=32, batch=8, lr=0.00609, dt=0.00017, epochs=50, seed=5544)
+    load, synthetic = staticmethod(load_splits), staticmethod(synthetic_splits)
 
     @staticmethod
     def add_arguments(parser):
         parser.add_argument("--dataset", default="EigenWorms", help="a UEA/UCR classification dataset name")
-        parser.add_argument("--eval_batch", type=int, default=256, help="series per evaluation chunk")
+        parser.add_argument("--eval-batch", type=at_least(1), default=256, help="series per evaluation chunk")
 
     def __init__(self, args, device):
         super().__init__(args, device)
-        try:
-            data = load_splits(args.dataset, Path(args.data_dir))
-        except ValueError as e:
-            raise SystemExit(f"--dataset: {e}") from None
+        data = self.load(args.dataset, Path(args.data_dir))
         self.classes = data["classes"]
         self.splits = {k: tuple(t.to(device) for t in v) for k, v in data["splits"].items()}
 
@@ -45,8 +45,8 @@ class UEAClassification(lem.Task):
         return f"{a.dataset}_{a.model}_h{a.nhid}_seed{a.seed}"
 
     def build_model(self):
-        x = self.splits["train"][0]
-        return lem.RNNModel(self.args.model, x.size(-1), self.args.nhid, len(self.classes), dt=self.args.dt)
+        a, x = self.args, self.splits["train"][0]
+        return lem.RNNModel(a.model, x.size(-1), a.nhid, len(self.classes), dt=a.dt, backend=a.backend)
 
     def train_batches(self, epoch):
         return lem.shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)

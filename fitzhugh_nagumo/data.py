@@ -9,7 +9,7 @@ import torch
 from scipy.integrate import solve_ivp
 from tqdm import tqdm
 
-from lem.runlog import save_checkpoint
+from lem.data import cached
 
 I_EXT, A, B, EPS = 0.5, 0.7, 0.8, 1 / 50
 T_END, N_POINTS = 400.0, 1001
@@ -38,12 +38,13 @@ def make_split(n, rng):
 
 
 def load_splits(data_dir, seed, sizes=SPLIT_SIZES):
-    """Train, valid and test splits drawn from one seeded generator; solved once, cached in data_dir."""
+    """Train, valid and test splits drawn from one seeded generator; solved once, cached in data_dir
+    (lem.data.cached; one file per seed and sizes)."""
     name = f"seed{seed}_" + "_".join(f"{split}{n}" for split, n in sizes.items()) + ".pt"
-    cache = data_dir / "fitzhugh_nagumo" / name
-    if cache.exists():
-        return torch.load(cache)
-    rng = np.random.RandomState(seed)
-    splits = {split: make_split(n, rng) for split, n in sizes.items()}
-    save_checkpoint(cache, splits)
-    return splits
+    params = {"seed": seed, "sizes": sizes, "I": I_EXT, "a": A, "b": B, "eps": EPS, "t_end": T_END,
+              "points": N_POINTS, "solver": "solve_ivp RK45", "v0": "U(-1, 1) from np.random.RandomState(seed)"}
+
+    def build():
+        rng = np.random.RandomState(seed)
+        return {split: make_split(n, rng) for split, n in sizes.items()}
+    return cached(data_dir / "fitzhugh_nagumo" / name, build, params=params)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lem
+from lem.harness import at_least
 from data import SPLIT_SIZES, load_splits
 
 
@@ -27,7 +28,7 @@ class FitzHughNagumo(lem.Task):
     @staticmethod
     def add_arguments(parser):
         for split, n in SPLIT_SIZES.items():
-            parser.add_argument(f"--n_{split}", type=int, default=n, help=f"{split} trajectories")
+            parser.add_argument(f"--n-{split}", type=at_least(1), default=n, help=f"{split} trajectories")
 
     def __init__(self, args, device):
         super().__init__(args, device)
@@ -35,7 +36,8 @@ class FitzHughNagumo(lem.Task):
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in load_splits(Path(args.data_dir), args.seed, sizes).items()}
 
     def build_model(self):
-        return lem.RNNModel(self.args.model, 1, self.args.nhid, 1, dt=self.args.dt, head="every")
+        a = self.args
+        return lem.RNNModel(a.model, 1, a.nhid, 1, dt=a.dt, head="every", backend=a.backend)
 
     def train_batches(self, epoch):
         return lem.shuffled_batches(self.args.n_train, self.args.batch, self.args.seed, epoch)

@@ -4,19 +4,20 @@ Everything lives in <data_dir>/speech_commands/:
     speech_commands_v0.02.tar.gz               the archive, sha256 checked (kept after extraction)
     SpeechCommands/speech_commands_v0.02/      extracted once, the layout torchaudio's SPEECHCOMMANDS
                                                reads (a copy it downloaded itself works too)
-    features/{train,valid,test}.pt             per clip a (126, 80) float16 feature sequence and a label
-    features/manifest.json                     what the features are, per-class counts, extraction speed
+    features.pt                                per split and clip a (126, 80) float16 feature sequence,
+                                               a label and the clip's name (lem.data.cached)
+    features.json                              its manifest: the archive's sha256 and the feature
+                                               settings it was made with, per-class counts, build time
 
-Features are computed once, so training epochs read tensors, not audio.
+Features are computed once, so training epochs read tensors, not audio. synthetic_splits stands
+in with random features of the real sizes (for timing without the archive).
 Silence (class 1) = every non-overlapping 1 s segment of each `_background_noise_` recording (the
 remainder shorter than 1 s is dropped), training split only. The reference instead fed each whole
 recording, cut to its first 126 frames, as one clip: 6 silence clips against our ~400.
 """
-import json
 import os
 import shutil
 import tarfile
-import time
 from pathlib import Path
 
 import soundfile
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 import torchaudio
 from tqdm import tqdm
 
-from lem.download import DownloadError, by_hand, download
-from lem.runlog import save_checkpoint, write_json
+from lem.data import DataError, cached
+from lem.download import by_hand, download
 
 URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 SHA256 = "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"
@@ -84,10 +85,10 @@ def read_wav(path, start=0, stop=None):
     try:
         wave, rate = soundfile.read(path, start=start, stop=stop, dtype="float32")
     except RuntimeError as e:  # soundfile's LibsndfileError: missing, truncated or not a WAV file
-        raise ValueError(f"cannot read {path} ({e}); the extracted folder {path.parent.parent} may be damaged: "
+        raise DataError(f"cannot read {path} ({e}); the extracted folder {path.parent.parent} may be damaged: "
                          f"delete it and run again, or fetch {URL} by hand") from None
     if rate != SAMPLE_RATE or wave.ndim != 1:
-        raise ValueError(f"{path}: expected 16 kHz mono, got {rate} Hz with shape {wave.shape}")
+        raise DataError(f"{path}: expected 16 kHz mono, got {rate} Hz with shape {wave.shape}")
     wave = torch.from_numpy(wave)
     # torch's reflect padding of n_fft/2 needs more samples than that; pad the odd tiny clip with zeros
     if len(wave) <= MEL["n_fft"] // 2:
@@ -108,11 +109,11 @@ def fetch(folder, url=URL, sha256=SHA256):
             tar.extractall(partial, filter="data")
     except (tarfile.TarError, EOFError, OSError) as e:
         shutil.rmtree(partial, ignore_errors=True)
-        raise DownloadError(f"{archive} is not a readable tar.gz archive ({e}): delete it and run again. "
+        raise DataError(f"{archive} is not a readable tar.gz archive ({e}): delete it and run again. "
                             f"{by_hand(url, archive)}") from None
     for name in ("validation_list.txt", "testing_list.txt"):
         if not (partial / name).exists():
-            raise DownloadError(f"{archive} holds no {name}: not the Speech Commands archive. {by_hand(url, archive)}")
+            raise DataError(f"{archive} holds no {name}: not the Speech Commands archive. {by_hand(url, archive)}")
     os.replace(partial, target)  # the folder appears only once extraction is complete
     return target
 
@@ -156,38 +157,37 @@ def compute_features(clips, device="cpu", chunk=256):
 
 
 def load_splits(data_dir, url=URL, sha256=SHA256, device="cpu"):
-    """{'train': (x, y), 'valid': ..., 'test': ...} from the feature cache, building it if needed."""
+    """{'train': (x, y), 'valid': ..., 'test': ...} from the feature cache, made once (on device)."""
     root = Path(data_dir) / "speech_commands"
-    cache = root / "features"
-    manifest_file = cache / "manifest.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else None
-    if not (manifest and manifest["features"] == FEATURES and sha256 in (None, manifest["sha256"])
-            and all((cache / f"{split}.pt").exists() for split in SPLITS)):
-        build_cache(root, url, sha256, device)
-    splits = {}
-    for split in SPLITS:
-        saved = torch.load(cache / f"{split}.pt")
-        splits[split] = (saved["x"], saved["y"])
-    return splits
+    params = {"archive": ARCHIVE, "sha256": sha256, "features": FEATURES, "classes": CLASSES}
+    features = cached(root / "features.pt", lambda: extract_features(root, url, sha256, device), params=params,
+                      notes=lambda f: {"device": str(device), "splits": counts(f)})
+    return {split: (f["x"], f["y"]) for split, f in features.items()}
 
 
-def build_cache(root, url, sha256, device):
-    """Fetch the archive if needed, compute every split's features, write them and the manifest (last,
-    so an interrupted build leaves no manifest and is redone)."""
-    (root / "features" / "manifest.json").unlink(missing_ok=True)
+def extract_features(root, url, sha256, device):
+    """{split: {'x', 'y', 'clips'}} of every clip, fetching and extracting the archive if needed."""
     fetch(root, url, sha256)
-    started, counts = time.time(), {}
-    manifest = {"archive": ARCHIVE, "url": url, "sha256": sha256, "features": FEATURES, "classes": CLASSES,
-                "splits": counts}
+    features = {}
     for split in SPLITS:
         clips = clip_list(root, split)
         x, y = compute_features(clips, device)
         names = [str(path.relative_to(root / FOLDER)) + (f"@{start}" if stop else "") for path, start, stop, _ in clips]
-        save_checkpoint(root / "features" / f"{split}.pt", {"x": x, "y": y, "clips": names})
-        counts[split] = {"clips": len(clips), "per_class": dict(zip(CLASSES, torch.bincount(y, minlength=12).tolist()))}
-    seconds = time.time() - started
-    total = sum(c["clips"] for c in counts.values())
-    manifest["extraction"] = {"seconds": round(seconds, 1), "clips_per_second": round(total / seconds, 1),
-                              "device": str(device), "torch_threads": torch.get_num_threads()}
-    write_json(root / "features" / "manifest.json", manifest)
-    return manifest
+        features[split] = {"x": x, "y": y, "clips": names}
+    return features
+
+
+def counts(features):
+    return {split: {"clips": len(f["y"]), "per_class": dict(zip(CLASSES, torch.bincount(f["y"], minlength=len(CLASSES)).tolist()))}
+            for split, f in features.items()}
+
+
+# clips per split: torchaudio's lists of the archive, and ~400 one-second silence segments (training)
+SIZES = {"train": 84_843 + 400, "valid": 9_981, "test": 11_005}
+
+
+def synthetic_splits(data_dir, url=URL, sha256=SHA256, device="cpu"):
+    """What load_splits returns, for random features and labels of the real sizes."""
+    g = torch.Generator().manual_seed(0)
+    return {split: (torch.randn(n, FRAMES, MEL["n_mels"], dtype=torch.float16, generator=g), torch.randint(0, len(CLASSES), (n,), generator=g))
+            for split, n in SIZES.items()}

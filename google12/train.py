@@ -2,6 +2,8 @@
 
     python google12/train.py              # the paper's run: downloads 2.3 GB once, caches features, 60 epochs
     python google12/train.py --url URL_OF_A_MIRROR --sha256 SHA256_OF_IT
+    python -m lem.bench features                 # speed of the feature extraction here
+    python -m lem.bench epoch google12 --synthetic   # and of one epoch
 
 Input: 126 steps of 80 z-scored log-mel features, input dropout --drop, LEM, linear head on y_T.
 Reported: test accuracy (%) at the epoch of best validation accuracy.
@@ -11,8 +13,8 @@ from pathlib import Path
 import torch.nn.functional as F
 
 import lem
-from lem.download import DownloadError
-from data import CLASSES, SHA256, URL, load_splits
+from lem.harness import probability
+from data import CLASSES, SHA256, URL, load_splits, synthetic_splits
 
 
 class Google12(lem.Task):
@@ -21,28 +23,24 @@ class Google12(lem.Task):
     higher_is_better = True
     paper = 95.7
     defaults = dict(nhid=128, batch=100, lr=0.00089, dt=1.0, epochs=60, lr_decay_epoch=50, seed=5544)
+    load, synthetic = staticmethod(load_splits), staticmethod(synthetic_splits)
 
     @staticmethod
     def add_arguments(parser):
-        parser.add_argument("--drop", type=float, default=0.03, help="dropout on the input feature sequence")
+        parser.add_argument("--drop", type=probability, default=0.03, help="dropout on the input feature sequence")
         parser.add_argument("--url", default=URL, help="where to fetch speech_commands_v0.02.tar.gz")
         parser.add_argument("--sha256", default=SHA256, help="expected sha256 of the archive; 'none' skips the check")
 
     def __init__(self, args, device):
         super().__init__(args, device)
-        if not 0.0 <= args.drop < 1.0:
-            raise SystemExit(f"--drop must be in [0, 1), got {args.drop}")
         sha256 = None if args.sha256.lower() == "none" else args.sha256
-        try:
-            splits = load_splits(Path(args.data_dir), args.url, sha256, device)
-        except (DownloadError, ValueError) as e:
-            raise SystemExit(str(e)) from None
+        splits = self.load(Path(args.data_dir), args.url, sha256, device)
         # float16 features stay float16 in memory (1.7 GB for training); batches are cast to float32
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
 
     def build_model(self):
         a = self.args
-        return lem.RNNModel(a.model, 80, a.nhid, len(CLASSES), dt=a.dt, input_dropout=a.drop)
+        return lem.RNNModel(a.model, 80, a.nhid, len(CLASSES), dt=a.dt, input_dropout=a.drop, backend=a.backend)
 
     def train_batches(self, epoch):
         return lem.shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)

@@ -8,6 +8,7 @@ sktime's .ts reader. Placing those two files there by hand skips the download.
 Split as the reference: merge train and test (7949 series), torch random_split into
 [5565, 2384], then the 2384 into [1192 test, 1192 valid], each with a fresh
 torch.Generator().manual_seed(123456). For other sizes the same 70/30 and 50/50 fractions.
+synthetic_splits stands in with random series of BIDMC32HR's shape (for timing without the files).
 """
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from sktime.datasets import load_from_tsfile
 
-from lem.data import cached, pad_series
+from lem.data import DataError, cached, pad_series
 from lem.download import download, extract
 
 ARCHIVE_URL = "https://zenodo.org/record/3902651/files/Monash_UEA_UCR_Regression_Archive.zip?download=1"
@@ -39,7 +40,7 @@ def read_ts(path):
     try:
         X, y = load_from_tsfile(str(path), return_data_type="nested_univ", y_dtype="float")
     except Exception as e:  # sktime's TsFileParseException, OSError, ...
-        raise ValueError(f"{path}: not a readable regression .ts file with @targetlabel true ({e}); expected "
+        raise DataError(f"{path}: not a readable regression .ts file with @targetlabel true ({e}); expected "
                          "the Monash archive's format (http://tseregression.org)") from None
     return [np.stack([X.iat[i, c].to_numpy() for c in range(X.shape[1])], axis=1) for i in range(len(X))], y
 
@@ -51,7 +52,7 @@ def split(n):
         return [data[part.indices] for part in parts]
 
     if n < 7:
-        raise ValueError(f"{n} series are too few to split 70/15/15; expected at least 7")
+        raise DataError(f"{n} series are too few to split 70/15/15; expected at least 7")
     train, rest = random_split(torch.arange(n), [0.7, 0.3])
     test, valid = random_split(rest, [0.5, 0.5])  # the reference's order: test first
     return {"train": train, "valid": valid, "test": test}
@@ -71,15 +72,22 @@ def build(train_file, test_file):
 def load_splits(data_dir, train_file=None, test_file=None):
     """{part: (x (T, N, C) float, y (N,) float, lengths (N,))}; BIDMC32HR unless files are given."""
     if (train_file is None) != (test_file is None):
-        raise ValueError("expected both --train-file and --test-file, or neither (BIDMC32HR)")
+        raise DataError("expected both --train-file and --test-file, or neither (BIDMC32HR)")
     if train_file is None:
         train_file, test_file = bidmc32hr_files(data_dir)
     train_file, test_file = Path(train_file), Path(test_file)
     for f in (train_file, test_file):
         if not f.is_file():
-            raise ValueError(f"{f} does not exist; expected a regression .ts file")
+            raise DataError(f"{f} does not exist; expected a regression .ts file")
     name = train_file.stem.removesuffix("_TRAIN")
     params = {"merge": "train+test", "split": "random_split 0.7/0.3 then 0.5/0.5 (test, valid)",
               "split_seed": SPLIT_SEED, "layout": "time-first, zero-padded"}
     return cached(Path(data_dir) / "heart_rate" / f"{name}.pt", lambda: build(train_file, test_file),
                   [train_file, test_file], params)
+
+
+def synthetic_splits(data_dir, train_file=None, test_file=None, n=7949, length=4000, channels=2):
+    """What load_splits returns, for random series of BIDMC32HR's shape (SPEC §3.5) split as the real ones."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(length, n, channels, generator=g), 60 + 40 * torch.rand(n, generator=g)
+    return {part: (x[:, idx].contiguous(), y[idx], torch.full((len(idx),), length)) for part, idx in split(n).items()}

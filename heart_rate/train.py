@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 import lem
 from lem.data import padded_batch
-from data import load_splits
-from lem.download import DownloadError
+from lem.harness import at_least
+from data import load_splits, synthetic_splits
 
 
 class HeartRate(lem.Task):
@@ -24,19 +24,17 @@ class HeartRate(lem.Task):
     higher_is_better = False
     paper = 0.85
     defaults = dict(nhid=128, batch=32, lr=0.00211, dt=0.2371, epochs=500, lr_decay_epoch=250, seed=5544)
+    load, synthetic = staticmethod(load_splits), staticmethod(synthetic_splits)
 
     @staticmethod
     def add_arguments(parser):
-        parser.add_argument("--train-file", dest="train_file", default=None, help="a regression .ts file (default: BIDMC32HR)")
-        parser.add_argument("--test-file", dest="test_file", default=None, help="its test part")
-        parser.add_argument("--eval_batch", type=int, default=256, help="series per evaluation chunk")
+        parser.add_argument("--train-file", default=None, help="a regression .ts file (default: BIDMC32HR)")
+        parser.add_argument("--test-file", default=None, help="its test part")
+        parser.add_argument("--eval-batch", type=at_least(1), default=256, help="series per evaluation chunk")
 
     def __init__(self, args, device):
         super().__init__(args, device)
-        try:
-            splits = load_splits(Path(args.data_dir), args.train_file, args.test_file)
-        except (ValueError, DownloadError) as e:
-            raise SystemExit(str(e)) from None
+        splits = self.load(Path(args.data_dir), args.train_file, args.test_file)
         self.splits = {k: tuple(t.to(device) for t in v) for k, v in splits.items()}
 
     def run_name(self):
@@ -45,8 +43,8 @@ class HeartRate(lem.Task):
         return f"{dataset}_{a.model}_h{a.nhid}_seed{a.seed}"
 
     def build_model(self):
-        x = self.splits["train"][0]
-        return lem.RNNModel(self.args.model, x.size(-1), self.args.nhid, 1, dt=self.args.dt)
+        a, x = self.args, self.splits["train"][0]
+        return lem.RNNModel(a.model, x.size(-1), a.nhid, 1, dt=a.dt, backend=a.backend)
 
     def train_batches(self, epoch):
         return lem.shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)

@@ -1,30 +1,50 @@
-"""Speed of the LEM backends against the reference loop and nn.LSTM (docs/kernels.md).
+"""Timing, in one place: python -m lem.bench kernels | epoch | features.
 
-    python -m lem.bench                      # every configuration, CPU and (if present) CUDA
-    python -m lem.bench --devices cuda       # CUDA: the reference loop, each GPU tier, nn.LSTM (cuDNN)
-    python -m lem.bench --configs fhn smnist_h128 --devices cpu --threads 1
+    python -m lem.bench kernels                        # every configuration, CPU and (if present) CUDA
+    python -m lem.bench kernels --devices cuda         # CUDA: the reference loop, each GPU tier, nn.LSTM (cuDNN)
+    python -m lem.bench kernels --configs fhn smnist_h128 --devices cpu --threads 1
+    python -m lem.bench epoch smnist --synthetic --batches 6 --nhid 256   # one epoch of an experiment
+    python -m lem.bench epoch ptb --level char --synthetic --no-eval      # PTB: training tokens/s
+    python -m lem.bench features --clips 2000          # Google12's feature extraction, clips/s
 
-For each configuration and device, wall times (median of several runs after a warm-up; the
-backends take turns in every round, so that other load on a shared machine hits all of them alike)
-with their ratios to nn.LSTM of the same hidden size:
+kernels: the LEM layer alone. For each configuration and device, wall times (median of several
+runs after a warm-up; the backends take turns in every round, so that other load on a shared
+machine hits all of them alike) with their ratios to nn.LSTM of the same hidden size:
   - forward+backward (also against the reference loop), and the memory the autograd graph holds
     for backward (CPU) or the peak allocated memory (CUDA);
   - forward only, with grad mode on (what a training forward keeps) and under torch.no_grad()
     (evaluation), and the peak memory each adds: on CUDA the peak allocated, on CPU the growth of
     the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs) over a call
     started with the allocators' caches handed back.
+
+epoch: an experiment's real Task, made from its own train.py flags (the paper's settings unless
+given after the experiment's name, --backend and --device included) exactly as training makes it,
+its model and Adam; times --batches training steps of the harness (lem.harness.train_step) after
+--warmup ones, and one evaluation of the splits an epoch evaluates (harness.evaluate), by the wall
+clock and by this process's CPU time, and adds them up to one epoch. Also: the part of a step spent
+outside the model (reading the batch, the loss), timed by replaying the model's output. With
+--synthetic the task's files are replaced by random data of the real sizes (Task.synthetic).
+
+features: Google12's feature extraction (google12/data.py's compute_features: read WAV, log-mel,
+cast) on synthetic clips in the archive's format (16 kHz 16-bit mono): 90 % of 1 s, 10 % shorter,
+each of its own length (the worst case for batching by length).
 """
 import argparse
 import ctypes
 import gc
+import os
 import re
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from . import kernels
+from . import experiments, harness, kernels
 from .kernels import cpu
 from .model import LEM
 
@@ -187,23 +207,159 @@ def table(name, device, rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
-    p.add_argument("--budget", type=float, default=60.0,
-                   help="fewer repeats when they would take more than this many s per configuration")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def kernels_main(args):
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
     for device in map(torch.device, devices):
         for name in args.configs:
             print(table(name, device, bench_config(name, device, args.repeats, args.budget)), flush=True)
+
+
+def clock(device):
+    """(wall, CPU time of this process) in s, once the device has finished its queued work."""
+    sync(device)
+    return time.perf_counter(), time.process_time()
+
+
+def since(start, device):
+    """(wall, CPU) seconds since start = clock(device)."""
+    return tuple(now - then for now, then in zip(clock(device), start))
+
+
+def medians(times):
+    """Median (wall, CPU) of a list of (wall, CPU)."""
+    return tuple(statistics.median(column) for column in zip(*times))
+
+
+def detached(output):
+    return output.detach() if isinstance(output, torch.Tensor) else type(output)(map(detached, output))
+
+
+class Replay(nn.Module):
+    """Stands in for a model and returns what it returned: task.loss(Replay(out), key) is a step's
+    work outside the model (reading the batch, building its inputs, the loss)."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+def epoch_main(args, argv):
+    task_cls = experiments.task_class(args.experiment, argv)
+    if args.synthetic:
+        if task_cls.synthetic is None:
+            raise SystemExit(f"{args.experiment} reads no data files (its data are generated): leave out --synthetic")
+        task_cls = type(task_cls.__name__, (task_cls,), {"load": staticmethod(task_cls.synthetic)})
+    a = harness.parse_args(task_cls, argv)
+    task = harness.make_task(task_cls, a)
+    device = task.device
+    model, optimizer = harness.make_model(task, a)
+    epoch_keys = task.train_batches(0)
+    keys, epoch = list(epoch_keys), 1
+    while len(keys) < args.warmup + args.batches:
+        keys, epoch = keys + task.train_batches(epoch), epoch + 1
+    last = {}
+    model.register_forward_hook(lambda module, inputs, output: last.update(output=detached(output)))
+    steps, outside = [], []
+    for i, key in enumerate(keys[:args.warmup + args.batches]):
+        start = clock(device)
+        harness.train_step(task, model, optimizer, key, a.grad_norm)
+        step = since(start, device)
+        start = clock(device)
+        task.loss(Replay(last["output"]), key)
+        if i >= args.warmup:
+            steps.append(step)
+            outside.append(since(start, device))
+        print(f"{step[0]:.2f}", end=" ", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    step, rest = medians(steps), medians(outside)
+    print(f"{args.experiment}{' (synthetic data)' if args.synthetic else ''}: model {a.model}, H {a.nhid}, batch {a.batch}, "
+          f"backend {a.backend}, {device}, {torch.get_num_threads()} torch threads, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"  training step: {step[0]:.3f} s wall, {step[1]:.3f} s CPU (median of {args.batches} after {args.warmup} "
+          f"warm-up; each, wall: {' '.join(f'{t[0]:.3f}' for t in steps)}); outside the model (batch, loss): "
+          f"{rest[0] * 1e3:.2f} ms, {100 * rest[0] / step[0]:.2f} % of it")
+    if hasattr(a, "bptt"):  # a language model: a step reads batch x bptt tokens
+        print(f"  training tokens/s: {a.batch * a.bptt / step[0]:,.0f} wall, {a.batch * a.bptt / step[1]:,.0f} CPU "
+              f"(batch {a.batch} x bptt {a.bptt} per step)")
+    total = [len(epoch_keys) * t for t in step]
+    if not args.no_eval:
+        start = clock(device)
+        harness.evaluate(task, model)
+        evaluation = since(start, device)
+        print(f"  evaluation of {', '.join(task.eval_splits)}: {evaluation[0]:.1f} s wall, {evaluation[1]:.1f} s CPU")
+        total = [t + e for t, e in zip(total, evaluation)]
+    print(f"  one epoch ({len(epoch_keys)} steps{'' if args.no_eval else ' + evaluation'}): {total[0] / 60:.2f} min wall, "
+          f"{total[1] / 60:.2f} min CPU", flush=True)
+
+
+def synthetic_clips(folder, n, seed=0):
+    """n WAV files as the archive holds them: 90 % of 1 s, 10 % shorter; [(path, 0, None, label 0)]."""
+    import soundfile
+
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i in range(n):
+        length = 16000 if rng.random() < 0.9 else int(rng.integers(8000, 16000))
+        path = Path(folder) / f"{i:08x}_nohash_0.wav"
+        soundfile.write(path, rng.normal(0, 0.1, length).astype(np.float32), 16000, subtype="PCM_16")
+        clips.append((path, 0, None, 0))
+    return clips
+
+
+def features_main(args):
+    data = experiments.load_file("google12/data.py")
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        clips = synthetic_clips(tmp, args.clips)
+        data.compute_features(clips[:64], device)  # warm-up
+        start = clock(device)
+        data.compute_features(clips, device)
+        rate = [args.clips / t for t in since(start, device)]
+    total = sum(data.SIZES.values())
+    print(f"Google12 feature extraction on {device}, {torch.get_num_threads()} torch threads, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {args.clips} clips")
+    for k, name in enumerate(("wall clock", "CPU time")):
+        print(f"  {name}: {rate[k]:.0f} clips/s; all {total:,} clips of the three splits: {total / rate[k] / 60:.1f} min, once")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lem.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("kernels", help="the LEM backends against the reference loop and nn.LSTM")
+    k.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    k.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
+    k.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    k.add_argument("--budget", type=float, default=60.0,
+                   help="fewer repeats when they would take more than this many s per configuration")
+    e = sub.add_parser("epoch", allow_abbrev=False, usage="python -m lem.bench epoch EXPERIMENT [options] [train.py flags]",
+                       help="one epoch of an experiment; flags after its name go to its train.py")
+    e.add_argument("experiment", choices=experiments.EXPERIMENTS)
+    e.add_argument("--batches", type=harness.at_least(1), default=5, help="timed training steps (median)")
+    e.add_argument("--warmup", type=harness.at_least(0), default=2, help="untimed training steps first")
+    e.add_argument("--synthetic", action="store_true", help="random data of the real sizes instead of the files")
+    e.add_argument("--no-eval", action="store_true", help="leave out the evaluation (e.g. PTB's, minutes long)")
+    f = sub.add_parser("features", help="Google12's feature extraction")
+    f.add_argument("--clips", type=harness.at_least(1), default=2000)
+    f.add_argument("--device", default="cpu")
+    for q in (k, e, f):
+        q.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args, rest = p.parse_known_args(argv)
+    if args.command != "epoch" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "kernels":
+        kernels_main(args)
+    elif args.command == "epoch":
+        epoch_main(args, rest)
+    else:
+        features_main(args)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,22 @@
-"""Where data lives (one folder for all experiments), its processed cache, padded series."""
+"""What every experiment's data code shares: DataError, the one data folder, the processed-data
+cache, and padded series."""
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import runlog
-from .download import file_digest
+from . import atomic
+from .runlog import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
+class DataError(ValueError):
+    """Data missing, corrupt or unusable as asked. Its message is one paragraph saying what is wrong
+    and what to do (which file to fetch from where, what to delete); the harness prints it and
+    stops with exit code 1, without a traceback."""
 
 
 def data_dir(path=None):
@@ -18,26 +25,45 @@ def data_dir(path=None):
     return Path(chosen).expanduser().resolve()
 
 
-def cached(cache_file, build, sources, params):
-    """build()'s result, computed once and kept in cache_file beside a small JSON manifest.
+def file_digest(path, algorithm="sha256"):
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    The manifest records the sha256 of every source file (read after build(), which may download
-    them) and the processing parameters (split seed, ...); the cache is rebuilt when any differs.
-    """
-    cache_file = Path(cache_file)
-    manifest_file = cache_file.with_suffix(".json")
 
-    def manifest():
-        return {"sources": {str(Path(s).resolve()): file_digest(s) for s in sources}, "params": params}
+def cached(path, build, sources=(), params=None, notes=None):
+    """build()'s result, computed once and kept in path (torch.save) beside path.json, a manifest
+    of what it was made from: the sha256 of every file in sources (hashed after build(), which may
+    download them) and params (seeds, sizes, processing settings). The cache is rebuilt when
+    either differs, or when it does not load. The manifest also holds, for people and never
+    compared, how long the build took and notes(result) if given (counts, ...)."""
+    path = Path(path)
+    manifest_file = path.with_suffix(".json")
 
-    if cache_file.exists() and manifest_file.exists() and all(Path(s).exists() for s in sources):
-        if json.loads(manifest_file.read_text()) == json.loads(json.dumps(manifest())):
-            return torch.load(cache_file)
-        print(f"{cache_file.name}: sources or parameters changed since it was built; processing again")
-    data = build()
-    runlog.save_checkpoint(cache_file, data)
-    runlog.write_json(manifest_file, manifest())
-    return data
+    def made_from():
+        return json.loads(json.dumps({"sources": {str(Path(s).resolve()): file_digest(s) for s in sources},
+                                      "params": params}))
+
+    if path.exists() and manifest_file.exists() and all(Path(s).exists() for s in sources):
+        manifest = json.loads(manifest_file.read_text())
+        if {k: manifest.get(k) for k in ("sources", "params")} == made_from():
+            try:
+                return torch.load(path)
+            except Exception as e:  # written atomically, so only a damaged disk or a hand edit gets here
+                print(f"{path} does not load ({type(e).__name__}); processing again")
+        else:
+            print(f"{path.name}: sources or parameters changed since it was built; processing again")
+    started = time.time()
+    result = build()
+    atomic.torch_save(path, result)
+    manifest = {**made_from(), "built": {"seconds": round(time.time() - started, 1),
+                                         "torch_threads": torch.get_num_threads()}}
+    if notes is not None:
+        manifest["notes"] = notes(result)
+    atomic.write_json(manifest_file, manifest)
+    return result
 
 
 def pad_series(series):
@@ -49,8 +75,8 @@ def pad_series(series):
         real = np.flatnonzero(~np.isnan(s).all(axis=1))
         s = s[:real[-1] + 1] if len(real) else s[:0]
         if len(s) == 0 or np.isnan(s).any():
-            raise ValueError(f"series {i} is empty or has missing values (NaN) before its end; "
-                             "expected numbers up to each series' last step")
+            raise DataError(f"series {i} is empty or has missing values (NaN) before its end; "
+                            "expected numbers up to each series' last step")
         arrays.append(torch.from_numpy(s))
         lengths.append(len(s))
     x = torch.nn.utils.rnn.pad_sequence(arrays)  # (T, N, C), zeros after each end

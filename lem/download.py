@@ -1,7 +1,7 @@
 """Downloads every experiment shares: streamed with a tqdm bar, resumed after an interruption
 (HTTP Range on the .part file), retried, checksummed, and renamed into place atomically; and
-extraction of only the members needed from a zip archive, CRC-checked."""
-import hashlib
+extraction of only the members needed from a zip archive, CRC-checked. Failures raise
+lem.data.DataError saying where to get the file by hand."""
 import os
 import shutil
 import time
@@ -12,17 +12,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-
-class DownloadError(RuntimeError):
-    pass
-
-
-def file_digest(path, algorithm="sha256"):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+from .data import DataError, file_digest
 
 
 def by_hand(url, path):
@@ -49,20 +39,20 @@ def download(url, path, sha256=None, md5=None, retries=4, timeout=60, chunk_size
         except requests.HTTPError as e:
             status = e.response.status_code
             if 400 <= status < 500 and status not in (408, 429):
-                raise DownloadError(f"{url} answered HTTP {status}. {by_hand(url, path)}") from None
+                raise DataError(f"{url} answered HTTP {status}. {by_hand(url, path)}") from None
             error = e
-        except (requests.RequestException, OSError, DownloadError) as e:
+        except (requests.RequestException, OSError, DataError) as e:
             error = e
         if attempt + 1 < retries:
             time.sleep(min(2 ** attempt, 30) * 0.5)
     else:
-        raise DownloadError(f"could not download {url} after {retries} tries ({error}). {by_hand(url, path)}")
+        raise DataError(f"could not download {url} after {retries} tries ({error}). {by_hand(url, path)}")
     if expected is not None:
         algorithm, digest = expected
         actual = file_digest(part, algorithm)
         if actual != digest:
             part.unlink()
-            raise DownloadError(f"{algorithm} of the file downloaded from {url} is {actual}, expected {digest}; "
+            raise DataError(f"{algorithm} of the file downloaded from {url} is {actual}, expected {digest}; "
                                 f"the file was removed. {by_hand(url, path)}")
     os.replace(part, path)
     return path
@@ -80,7 +70,7 @@ def _fetch(url, part, timeout, chunk_size):
             if whole.isdigit() and int(whole) == have:
                 return
             part.unlink()
-            raise DownloadError(f"{part} holds {have} bytes, more than the file's {whole or 'unknown size'}: removed")
+            raise DataError(f"{part} holds {have} bytes, more than the file's {whole or 'unknown size'}: removed")
         r.raise_for_status()
         if have and r.status_code != 206:  # the server ignored the Range header: start over
             have = 0
@@ -93,7 +83,7 @@ def _fetch(url, part, timeout, chunk_size):
                 bar.update(len(block))
     size = part.stat().st_size
     if total is not None and size != total:
-        raise DownloadError(f"connection closed at {size} of {total} bytes")
+        raise DataError(f"connection closed at {size} of {total} bytes")
 
 
 def extract(zip_path, members, dest, url=None):
@@ -113,12 +103,12 @@ def extract(zip_path, members, dest, url=None):
             for member in members:
                 found = [n for n in names if n == member or n.endswith("/" + member)]
                 if len(found) != 1:
-                    raise DownloadError(f"{zip_path} holds {len(found)} entries named {member!r}, expected one. {where}")
+                    raise DataError(f"{zip_path} holds {len(found)} entries named {member!r}, expected one. {where}")
                 paths.append(_extract_member(archive, found[0], dest / Path(found[0]).name))
             return paths
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         zip_path.unlink(missing_ok=True)
-        raise DownloadError(f"{zip_path} is not a valid zip archive ({e}); it was removed. {where}") from None
+        raise DataError(f"{zip_path} is not a valid zip archive ({e}); it was removed. {where}") from None
 
 
 def _extract_member(archive, name, target):

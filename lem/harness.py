@@ -1,11 +1,12 @@
 """The one training harness behind every experiment's train.py.
 
 An experiment subclasses `Task` (its data, model, loss, metric and paper defaults) and calls
-`run(MyTask)`. The harness does the rest: arguments, seeding, device, Adam, lr step decay,
-gradient clipping, evaluation and model selection on validation, result logs, checkpoints (the
-one before kept), exact resume, one process per run folder (its lock), clean stop on Ctrl-C/SIGTERM,
-on a failed save and on NaN; under torchrun, data-parallel training over several processes
-(lem/distributed.py).
+`run(MyTask)`. The harness does the rest: arguments (spelled dash-case, the reference code's
+underscore spellings accepted too), seeding, device, Adam, lr step decay, gradient clipping,
+evaluation and model selection on validation, result logs, checkpoints (the one before kept),
+exact resume, one process per run folder (its lock), clean stop on Ctrl-C/SIGTERM, on a failed
+save and on NaN, a DataError turned into its message alone; under torchrun, data-parallel
+training over several processes (lem/distributed.py). lem.bench times the same Task and step.
 
 Training is cut into epochs; each epoch is a list of cheap batch keys (index tensors, seeds)
 fixed by (seed, epoch) alone, so a resumed run replays exactly the batches it would have seen.
@@ -26,8 +27,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import distributed, kernels, runlog
-from .data import data_dir as resolve_data_dir
+from . import atomic, distributed, kernels, runlog
+from .data import DataError, data_dir as resolve_data_dir
 from .model import LEM
 
 
@@ -42,12 +43,19 @@ class Task:
     baseline = None           # the metric of a trivial predictor, drawn beside the curves (adding: 0.167)
     defaults = {}             # paper hyper-parameters of the common flags (SPEC §3)
     eval_splits = ("valid", "test")
+    models = ("lem", "lstm", "gru")   # what --model offers
+    epoch = "one pass over the training set"  # what --epochs counts (the unit of the logs and of lr decay)
+    load = None               # the function that reads the data, when __init__ reads files through self.load;
+    synthetic = None          # then a stand-in of the same signature and real shapes, random values
+                              # (python -m lem.bench epoch --synthetic times a task without its files)
 
     @staticmethod
     def add_arguments(parser):
         """Flags only this experiment has."""
 
     def __init__(self, args, device):
+        """Read the data (a DataError says what is missing or corrupt). args: the parsed flags;
+        build_model() passes args.backend to every LEM layer it makes."""
         self.args, self.device = args, device
 
     def run_name(self):
@@ -101,35 +109,68 @@ def batches_in_order(n, batch_size):
     return list(torch.arange(n).split(batch_size))
 
 
+class Parser(argparse.ArgumentParser):
+    """Flags are spelled dash-case (--grad-norm); each one's underscore spelling (--grad_norm, the
+    reference code's and older run records') is accepted as well. The value lands in args.grad_norm."""
+
+    def add_argument(self, *names, **kwargs):
+        spellings = [n for name in names for n in dict.fromkeys(
+            (name, "--" + name[2:].replace("-", "_")) if name.startswith("--") else (name,))]
+        return super().add_argument(*spellings, **kwargs)
+
+
+def at_least(low):
+    """An argparse type: an int that is at least low."""
+    def parse(text):
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its message for a non-number
+    return parse
+
+
+def probability(text):
+    """An argparse type: a dropout probability, in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def build_parser(task_cls):
     d = {"model": "lem", "nhid": 128, "epochs": 100, "batch": 128, "lr": 1e-3, "dt": 1.0, "seed": 5544,
          "grad_norm": 0.0, "lr_decay_epoch": None, **task_cls.defaults}
-    p = argparse.ArgumentParser(description=f"Train on {task_cls.name} (defaults: the paper's settings, SPEC §3)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d["model"], choices=["lem", "lstm", "gru"])
-    p.add_argument("--nhid", type=int, default=d["nhid"], help="hidden units")
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--batch", type=int, default=d["batch"])
+    p = Parser(description=f"Train on {task_cls.name} (defaults: the paper's settings, SPEC §3)",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d["model"], choices=task_cls.models)
+    p.add_argument("--nhid", type=at_least(1), default=d["nhid"], help="hidden units")
+    p.add_argument("--epochs", type=at_least(1), default=d["epochs"], help=f"epochs to train; an epoch: {task_cls.epoch}")
+    p.add_argument("--batch", type=at_least(1), default=d["batch"])
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--dt", type=float, default=d["dt"], help="LEM's Δt")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="one run per seed, one after another (summarise with python -m lem.results)")
-    p.add_argument("--grad_norm", type=float, default=d["grad_norm"], help="gradient-norm clip, 0 = off")
-    p.add_argument("--lr_decay_epoch", type=int, default=d["lr_decay_epoch"], help="lr/10 from this epoch on")
+    p.add_argument("--grad-norm", type=float, default=d["grad_norm"], help="gradient-norm clip, 0 = off")
+    p.add_argument("--lr-decay-epoch", type=int, default=d["lr_decay_epoch"], help="lr/10 from this epoch on")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default="auto", choices=kernels.BACKENDS,
                    help="how LEM layers run their time loop (docs/kernels.md)")
-    p.add_argument("--data-dir", dest="data_dir", default=None,
-                   help="data folder (default: $LEM_DATA, else data/ at the repository root)")
-    p.add_argument("--out-dir", dest="out_dir", default=None,
-                   help="where run folders go (default: <experiment>/results)")
-    p.add_argument("--run-name", dest="run_name", default=None, help="default: <model>_h<nhid>_seed<seed>")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $LEM_DATA, else data/ at the repository root)")
+    p.add_argument("--out-dir", default=None, help="where run folders go (default: <experiment>/results)")
+    p.add_argument("--run-name", default=None, help="default: <model>_h<nhid>_seed<seed>")
     p.add_argument("--resume", action="store_true", help="continue the run of the same name from its checkpoint")
-    p.add_argument("--max-time", dest="max_time", type=float, default=None,
-                   help="stop cleanly (resumable) after this many seconds")
+    p.add_argument("--max-time", type=float, default=None, help="stop cleanly (resumable) after this many seconds")
     task_cls.add_arguments(p)
     return p
+
+
+def parse_args(task_cls, argv=None):
+    """The flags of one invocation of task_cls's train.py (argv: default sys.argv[1:])."""
+    args = build_parser(task_cls).parse_args(argv)
+    args.data_dir = str(resolve_data_dir(args.data_dir))
+    return args
 
 
 def pick_device(name):
@@ -240,7 +281,7 @@ class Run:
             print(f"warning: cannot lock {lock} ({e.strerror}); nothing keeps a second process off this run",
                   file=sys.stderr)
         else:
-            runlog.remove_leftovers(self.folder)
+            atomic.remove_leftovers(self.folder)
         saved = self.checkpoint.exists() or self.previous.exists()
         if saved and not resume:
             return f"{self.folder} already holds a run: pass --resume to continue it, or --run-name for a new one"
@@ -263,7 +304,7 @@ class Run:
 
     def save_checkpoint(self, make):
         """Write make() as checkpoint.pt; the checkpoint it replaces becomes checkpoint.prev.pt."""
-        self.write(self.checkpoint.name, lambda: runlog.rotate_checkpoint(self.checkpoint, make(), self.previous))
+        self.write(self.checkpoint.name, lambda: atomic.rotate_checkpoint(self.checkpoint, make(), self.previous))
 
     def load_checkpoint(self, device):
         """The newest checkpoint that loads whole: checkpoint.pt, else (saying so) checkpoint.prev.pt.
@@ -294,12 +335,12 @@ class Run:
         return ckpt
 
     def write_config(self, config):
-        self.write("config.json", lambda: runlog.write_json(self.folder / "config.json", config))
+        self.write("config.json", lambda: atomic.write_json(self.folder / "config.json", config))
 
     def write_logs(self, history):
         def write():
-            runlog.write_text(self.folder / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-            runlog.write_text(self.folder / "log.txt", "".join(runlog.format_record(r) + "\n" for r in history))
+            atomic.write_text(self.folder / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            atomic.write_text(self.folder / "log.txt", "".join(runlog.format_record(r) + "\n" for r in history))
         self.write("log.jsonl and log.txt", write)
 
     def write_summary(self, state, status, config):
@@ -318,7 +359,7 @@ class Run:
             "test": selected["test"][t.metric] if selected and "test" in selected else None,
             "last": last,
         }
-        self.write("summary.json", lambda: runlog.write_json(self.folder / "summary.json", summary))
+        self.write("summary.json", lambda: atomic.write_json(self.folder / "summary.json", summary))
         return summary
 
 
@@ -338,27 +379,54 @@ def rerun_command(task_cls, args):
     script = runlog.portable(inspect.getfile(task_cls))
     argv = [script]
     for action in build_parser(task_cls)._actions:
-        value = getattr(args, action.dest, None)
-        if not action.option_strings or action.dest in RUN_ONLY_FLAGS - {"backend"} or value in (None, False):
+        value, flag = vars(args).get(action.dest), (action.option_strings or [None])[0]
+        if flag is None or action.dest in RUN_ONLY_FLAGS - {"backend"} or value is None:
             continue
-        if isinstance(action, argparse._StoreTrueAction):
-            argv.append(action.option_strings[0])
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
         else:
-            argv += [action.option_strings[0], *map(str, value if isinstance(value, list) else [value])]
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
     return argv
+
+
+def recorded_flags(task_cls, args):
+    """What config.json records of a run's flags: every one (folders relative to the repository)
+    and the command that repeats the run."""
+    return {"args": runlog.portable_args(vars(args)), "rerun": rerun_command(task_cls, args)}
 
 
 def check_same_arguments(saved, given):
     changed = {k: (saved.get(k), v) for k, v in given.items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v}
     if changed:
         fail("--resume with other arguments than the run was started with: "
-                 + ", ".join(f"--{k} {new} (run has {old})" for k, (old, new) in changed.items()))
+                 + ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})" for k, (old, new) in changed.items()))
 
 
 def is_better(task_cls, value, best_value):
     if best_value is None:
         return True
     return value > best_value if task_cls.higher_is_better else value < best_value
+
+
+def train_step(task, model, optimizer, batch, grad_norm, train_model=None):
+    """One optimizer step on one batch key, as training takes it: this process's share of the batch,
+    the task's loss, backward, gradient-norm clipping (grad_norm > 0), Adam, the task's after_step.
+    train_model: what computes the loss (under torchrun the DDP wrapper of model). Returns the
+    batch's loss (its mean over processes); a non-finite one is returned without a step."""
+    key, weight = distributed.local_batch(batch)
+    loss = task.loss(train_model or model, key) * weight
+    batch_loss = distributed.mean(loss)
+    if not torch.isfinite(batch_loss):
+        return batch_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_norm)
+    optimizer.step()
+    task.after_step(model)
+    return batch_loss
 
 
 def evaluate(task, model):
@@ -371,11 +439,10 @@ def evaluate(task, model):
 
 def run(task_cls, argv=None):
     """Parse arguments and train one run per seed. Returns the list of summary dicts."""
-    args = build_parser(task_cls).parse_args(argv)
-    args.data_dir = str(resolve_data_dir(args.data_dir))
+    args = parse_args(task_cls, argv)
     distributed.start(pick_device(args.device))
     try:
-        return [train(task_cls, argparse.Namespace(**{**vars(args), "seed": seed})) for seed in args.seeds or [args.seed]]
+        return [train(task_cls, type(args)(**{**vars(args), "seed": seed})) for seed in args.seeds or [args.seed]]
     finally:
         distributed.stop()
 
@@ -383,15 +450,36 @@ def run(task_cls, argv=None):
 def train(task_cls, args):
     """Train, evaluate, log one run, holding its folder. Returns its summary dict; exits 1 on NaN."""
     experiment_dir = Path(inspect.getfile(task_cls)).resolve().parent
+    task = make_task(task_cls, args)
+    device = task.device
+    out = Run(Path(args.out_dir or experiment_dir / "results") / (args.run_name or task.run_name()), task_cls)
+    with out.claimed(args.resume):
+        return fit(task, out, args, device)
+
+
+def make_task(task_cls, args):
+    """The Task of a run, made as for training: denormals flushed, RNGs seeded, its data read once
+    per file system (under torchrun). Data missing or corrupt (DataError): its message, exit 1."""
     device = pick_device(args.device)
     # Gradients through long sequences decay into denormal floats, which slow CPU matmuls ~10x
     # (sMNIST/nCIFAR backward); flushing them (|x| < 1.2e-38) to zero is harmless for training.
     torch.set_flush_denormal(True)
     seed_everything(args.seed)
-    task = distributed.one_by_one(lambda: task_cls(args, device))
-    out = Run(Path(args.out_dir or experiment_dir / "results") / (args.run_name or task.run_name()), task_cls)
-    with out.claimed(args.resume):
-        return fit(task, out, args, device)
+    try:
+        return distributed.one_by_one(lambda: task_cls(args, device))
+    except DataError as e:
+        fail(f"{task_cls.name}: {e}")
+
+
+def make_model(task, args):
+    """The task's model on its device, and Adam over its parameters. Every LEM layer in it must run
+    --backend: build_model passes args.backend to what it makes (a ValueError otherwise)."""
+    model = task.build_model().to(task.device)
+    for name, module in model.named_modules():
+        if isinstance(module, LEM) and module.backend != args.backend:
+            raise ValueError(f"{type(task).__name__}.build_model() made {name or 'its model'} with backend "
+                             f"{module.backend!r}, not --backend {args.backend!r}: pass backend=args.backend")
+    return model, torch.optim.Adam(model.parameters(), lr=args.lr)
 
 
 def restore(out, args, device, model, optimizer, task):
@@ -413,11 +501,7 @@ def fit(task, out, args, device):
     main = distributed.is_main()  # under torchrun only rank 0 prints and writes files
     out.write("the task's files", lambda: task.start(out.folder))
 
-    model = task.build_model().to(device)
-    for module in model.modules():
-        if isinstance(module, LEM):
-            module.backend = args.backend
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model, optimizer = make_model(task, args)
     if distributed.rank() > 0:
         seed_everything(args.seed + distributed.rank())  # same init everywhere, then own dropout masks
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
@@ -426,8 +510,8 @@ def fit(task, out, args, device):
         if main:
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
 
-    config = {"args": runlog.portable_args(vars(args)), "experiment": task_cls.name,
-              "parameters": sum(p.numel() for p in model.parameters()), "rerun": rerun_command(task_cls, args)}
+    config = {**recorded_flags(task_cls, args), "experiment": task_cls.name,
+              "parameters": sum(p.numel() for p in model.parameters())}
     if main:
         config.update(runlog.environment(device))
         if distributed.world_size() > 1:
@@ -461,21 +545,13 @@ def fit(task, out, args, device):
             bar = tqdm(range(state["batch"], len(batches)), desc=f"epoch {epoch + 1}/{task.num_epochs()}",
                        leave=False, disable=None if main else True)
             for i in bar:
-                key, weight = distributed.local_batch(batches[i])
-                loss = task.loss(train_model, key) * weight
-                batch_loss = distributed.mean(loss)
+                batch_loss = train_step(task, model, optimizer, batches[i], args.grad_norm, train_model)
                 if not torch.isfinite(batch_loss):
                     status = "nan"
                     if main:
                         print(f"loss is {batch_loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; the last "
                               f"good checkpoint ({out.checkpoint}) is kept", file=sys.stderr)
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.grad_norm > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), args.grad_norm)
-                optimizer.step()
-                task.after_step(model)
                 state["step"] += 1
                 state["batch"] = i + 1
                 bar.set_postfix(loss=f"{batch_loss.item():.4g}", refresh=False)

@@ -1,32 +1,24 @@
-"""Image classification as sequence learning: sMNIST, psMNIST and noisy CIFAR-10 (SPEC §3.6-3.8).
-
-Each dataset is decoded once into uint8 tensors that stay on the training device; a batch is
-an index tensor, and its pixel sequences (T, B, I) are built on the device when the batch is
-used (`ImageTask.sequences`). There is no DataLoader and no per-item transform.
+"""MNIST and CIFAR-10 decoded into uint8 tensors, for sMNIST, psMNIST and noisy CIFAR-10
+(SPEC §3.6-3.8; the task they share: lem/image_task.py).
 
 Files live where torchvision puts them, under one data folder (lem.data.data_dir()):
     <data>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
     <data>/cifar-10-batches-py/{data_batch_1..5,test_batch}
 torchvision downloads them from its own mirrors and checks their md5. Without network and
 without the files, or with a corrupt file, loading stops with a `DataError` naming the files,
-the folder and the URLs to fetch by hand.
+the folder and the URLs to fetch by hand. Also: the seeded train/valid split, and random
+stand-ins of the real sizes for timing without the files (synthetic_mnist, synthetic_cifar10).
 """
 import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.datasets import CIFAR10, MNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_md5
 
-from .harness import Task, shuffled_batches
-from .model import RNNModel
-
-
-class DataError(RuntimeError):
-    """Data files missing, unreadable or malformed; the message says what to fetch and where."""
+from .data import DataError
 
 
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -143,66 +135,22 @@ def split_train_valid(n, n_valid, seed):
     """Index tensors (train, valid) of a random split of range(n), by torch's random_split with
     torch.Generator().manual_seed(seed), independent of the global RNG."""
     if not 0 < n_valid < n:
-        raise SystemExit(f"--valid_size must be between 1 and {n - 1} (the training set has {n} images), got {n_valid}")
+        raise DataError(f"the training set has {n} images: --valid-size must be between 1 and {n - 1}, got {n_valid}")
     train, valid = torch.utils.data.random_split(range(n), [n - n_valid, n_valid],
                                                  generator=torch.Generator().manual_seed(seed))
     return torch.tensor(train.indices), torch.tensor(valid.indices)
 
 
-class ImageTask(Task):
-    """A 10-class image dataset read as a sequence; the last state y_T is classified (SPEC §1).
-
-    A subclass states `load(root)` (-> load_mnist / load_cifar10), `input_size`,
-    `sequences(images)` (uint8 batch -> float (T, B, input_size) on the device) and its defaults.
-    """
-
-    metric = "accuracy"          # in %
-    higher_is_better = True
-    input_size = None
-    valid_size = None            # SPEC: the size of the validation part cut from the training set
-    eval_chunk = 500             # images per forward pass in evaluation (0.2-0.4 GB of layer outputs)
-
-    @classmethod
-    def add_arguments(cls, parser):
-        parser.add_argument("--valid_size", type=int, default=cls.valid_size,
-                            help="images of the training set held out for validation")
-
-    @staticmethod
+def synthetic(shape, n_train, n_test):
+    """A stand-in for load_mnist / load_cifar10 of the real sizes, random pixels and labels
+    (python -m lem.bench epoch --synthetic: timing without the files)."""
     def load(root):
-        raise NotImplementedError
+        g = torch.Generator().manual_seed(0)
+        return {split: (torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g),
+                        torch.randint(0, 10, (n,), generator=g))
+                for split, n in (("train", n_train), ("test", n_test))}
+    return load
 
-    def sequences(self, images):
-        raise NotImplementedError
 
-    def __init__(self, args, device):
-        super().__init__(args, device)
-        try:
-            data = self.load(args.data_dir)
-        except DataError as e:
-            raise SystemExit(f"{self.name}: {e}") from None
-        images, labels = data["train"]
-        train, valid = split_train_valid(len(images), args.valid_size, args.seed)
-        self.splits = {"train": (images[train], labels[train]), "valid": (images[valid], labels[valid]),
-                       "test": data["test"]}
-        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
-
-    def build_model(self):
-        return RNNModel(self.args.model, self.input_size, self.args.nhid, 10, dt=self.args.dt)
-
-    def train_batches(self, epoch):
-        return shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
-
-    def loss(self, model, idx):
-        images, labels = self.splits["train"]
-        idx = idx.to(self.device)
-        return F.cross_entropy(model(self.sequences(images[idx])), labels[idx])
-
-    def evaluate(self, model, split):
-        images, labels = self.splits[split]
-        correct, loss = 0, 0.0
-        for start in range(0, len(labels), self.eval_chunk):
-            x, y = images[start:start + self.eval_chunk], labels[start:start + self.eval_chunk]
-            logits = model(self.sequences(x))
-            correct += (logits.argmax(-1) == y).sum().item()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-        return {"accuracy": 100.0 * correct / len(labels), "loss": loss / len(labels)}
+synthetic_mnist = synthetic((28, 28), 60000, 10000)
+synthetic_cifar10 = synthetic((3, 32, 32), 50000, 10000)

@@ -340,15 +340,17 @@ class RNNModel(nn.Module):
     head='every': out = classifier(y_n)    at every step (sequence-to-sequence)
     Input is time-first (T, B, I). Attribute names `cell` and `classifier` are the reference
     code's, so its whole-model checkpoints load with `load_reference_state_dict`.
+    backend: the time-loop backend of a LEM layer (see LEM; lstm and gru have none).
     """
 
-    def __init__(self, model, input_size, hidden_size, output_size, dt=1.0, head="last", input_dropout=0.0):
+    def __init__(self, model, input_size, hidden_size, output_size, dt=1.0, head="last", input_dropout=0.0,
+                 backend="auto"):
         super().__init__()
         if head not in ("last", "every"):
             raise ValueError(f"head must be 'last' or 'every', got {head!r}")
         self.head = head
         self.input_dropout = nn.Dropout(input_dropout)
-        self.cell = make_rnn(model, input_size, hidden_size, dt)
+        self.cell = make_rnn(model, input_size, hidden_size, dt, backend)
         self.classifier = nn.Linear(hidden_size, output_size)
         nn.init.kaiming_normal_(self.classifier.weight)
 

@@ -1,65 +1,17 @@
-"""A run's folder: atomic writes of config, logs, summary and checkpoints, the checkpoint
-before the last kept and verified on loading, and the folder's lock.
-
-Every file is written to a temporary name in the same folder and renamed over the old one
-(os.replace is atomic), so a run killed at any moment leaves each file whole: old or new.
-"""
+"""What a run folder holds besides its files' writing (lem/atomic.py): the folder's lock,
+checkpoints verified on loading, and what config.json and log.txt record (the environment,
+paths relative to the repository, log lines). REPO_ROOT is the repository's folder."""
 import fcntl
 import importlib.metadata
-import io
-import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _atomic(path, write, keep=None):
-    """write(f) into a temporary file, then rename it to path. With keep, the file path held is
-    renamed to keep first: at every instant one whole file exists, under one name or the other."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep is not None and path.exists():
-            os.replace(path, keep)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path, text):
-    _atomic(path, lambda f: f.write(text.encode()))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def save_checkpoint(path, obj):
-    _atomic(path, lambda f: torch.save(obj, f))
-
-
-def rotate_checkpoint(path, obj, previous):
-    """torch.save(obj) to path; the checkpoint that path held becomes previous (see _atomic).
-
-    Serialised in memory first: a full disk then fails in our own write as a plain OSError,
-    where inside torch's zip writer it would surface as an opaque RuntimeError."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    _atomic(path, lambda f: f.write(buffer.getbuffer()), keep=previous)
 
 
 def load_checkpoint(path, keys, map_location=None):
@@ -77,13 +29,6 @@ def load_checkpoint(path, keys, map_location=None):
     if missing:
         raise ValueError(f"{path} is not a whole checkpoint: it lacks {', '.join(missing)}")
     return obj
-
-
-def remove_leftovers(folder):
-    """Delete the temporary files of writes cut short (by a kill -9) in folder. Only for the
-    holder of the folder's lock: anyone else may be writing them right now."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def lock(path):

@@ -14,7 +14,8 @@ images are split 48000 / 2000 into train / valid (random_split, generator seeded
 import torch
 
 import lem
-from lem.images import ImageTask, load_cifar10
+from lem.image_task import ImageTask
+from lem.images import load_cifar10, synthetic_cifar10
 from data import FEATURES, draw_noise_block, noisy_sequences
 
 
@@ -24,12 +25,12 @@ class NoisyCIFAR(ImageTask):
     defaults = dict(nhid=128, batch=100, lr=0.00322, dt=0.44, epochs=120, lr_decay_epoch=100, seed=5544)
     input_size = FEATURES
     valid_size = 2000
-    load = staticmethod(load_cifar10)
+    load, synthetic = staticmethod(load_cifar10), staticmethod(synthetic_cifar10)
 
     @classmethod
     def add_arguments(cls, parser):
         super().add_arguments(parser)
-        parser.add_argument("--fresh-noise", dest="fresh_noise", action="store_true",
+        parser.add_argument("--fresh-noise", action="store_true",
                             help="new noise for every sample instead of the reference's one fixed block")
 
     def __init__(self, args, device):

@@ -3,7 +3,8 @@ import json
 
 import torch
 
-from lem import runlog
+from lem.atomic import write_json
+from lem.data import DataError
 
 PIXELS = 28 * 28
 
@@ -19,12 +20,12 @@ def permuted_sequences(images, permutation):
 
 
 def save_permutation(path, permutation):
-    runlog.write_json(path, permutation.tolist())
+    write_json(path, permutation.tolist())
 
 
 def load_permutation(path):
     """A permutation saved by save_permutation (a run folder's permutation.json)."""
     permutation = torch.tensor(json.loads(open(path).read()))
     if sorted(permutation.tolist()) != list(range(PIXELS)):
-        raise ValueError(f"{path} must hold a permutation of 0..{PIXELS - 1}")
+        raise DataError(f"{path} must hold a permutation of 0..{PIXELS - 1}")
     return permutation

@@ -7,7 +7,8 @@ seeding (so fixed by --seed), saved as permutation.json in the run folder; psmni
 load_permutation reads it back to re-evaluate a run's checkpoint.
 """
 import lem
-from lem.images import ImageTask, load_mnist
+from lem.image_task import ImageTask
+from lem.images import load_mnist, synthetic_mnist
 from data import draw_permutation, permuted_sequences, save_permutation
 
 
@@ -18,7 +19,7 @@ class PermutedMNIST(ImageTask):
                     seed=5544)
     input_size = 1
     valid_size = 3000
-    load = staticmethod(load_mnist)
+    load, synthetic = staticmethod(load_mnist), staticmethod(synthetic_mnist)
 
     def __init__(self, args, device):
         self.permutation = draw_permutation()  # first draw after seeding, as in the reference

@@ -8,6 +8,7 @@ character files are taken out of it.
 
 The corpus is one stream: cut into `batch` parallel streams, read in windows of `bptt` steps
 whose targets are the inputs shifted by one (truncated BPTT; the state is carried between windows).
+synthetic_corpus stands in with random tokens of the real sizes (for timing without the files).
 """
 import tarfile
 from collections import Counter
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from lem.download import DownloadError, by_hand, download
-from lem.runlog import write_text
+from lem.atomic import write_text
+from lem.data import DataError
+from lem.download import by_hand, download
 
 SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"
@@ -58,10 +60,10 @@ def extract(archive, paths, url):
             members = {Path(m.name).name: m for m in tar.getmembers() if Path(m.name).parent.name == "data"}
             for path in paths.values():
                 if path.name not in members:
-                    raise DownloadError(f"{archive} holds no data/{path.name}. {by_hand(url, archive)}")
+                    raise DataError(f"{archive} holds no data/{path.name}. {by_hand(url, archive)}")
                 write_text(path, tar.extractfile(members[path.name]).read().decode())
     except tarfile.TarError as e:
-        raise DownloadError(f"{archive} is not a readable .tgz ({e}). {by_hand(url, archive)}") from None
+        raise DataError(f"{archive} is not a readable .tgz ({e}). {by_hand(url, archive)}") from None
 
 
 def read_tokens(path):
@@ -82,7 +84,7 @@ def encode(tokens, vocab, path):
     ids = [vocab.get(token, unk) for token in tokens]
     if unk is None and None in ids:
         token = tokens[ids.index(None)]
-        raise ValueError(f"{path} holds {token!r}, which the training split never uses (and there is no {UNK})")
+        raise DataError(f"{path} holds {token!r}, which the training split never uses (and there is no {UNK})")
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -91,9 +93,22 @@ def load_corpus(level, folder, base_url=None):
     paths = fetch(level, folder, base_url)
     tokens = {split: read_tokens(path) for split, path in paths.items()}
     if not tokens["train"]:
-        raise ValueError(f"{paths['train']} is empty")
+        raise DataError(f"{paths['train']} is empty")
     vocab = build_vocab(tokens["train"])
     return vocab, {split: encode(tokens[split], vocab, paths[split]) for split in SPLITS}
+
+
+# tokens per split with <eos> (word: Mikolov's splits, 929,589 / 73,760 / 82,430; char: about
+# 5,059k / 396k / 446k characters as Bai et al. count them) and vocabulary sizes
+SIZES = {"word": ((929_589, 73_760, 82_430), 10_000), "char": ((5_059_000, 396_000, 446_000), 50)}
+
+
+def synthetic_corpus(level, folder=None, base_url=None):
+    """What load_corpus returns, for random tokens of the real sizes."""
+    lengths, vocab_size = SIZES[level]
+    g = torch.Generator().manual_seed(0)
+    return ({str(i): i for i in range(vocab_size)},
+            {split: torch.randint(vocab_size, (n,), generator=g) for split, n in zip(SPLITS, lengths)})
 
 
 def batchify(ids, batch):
@@ -101,7 +116,7 @@ def batchify(ids, batch):
     of the corpus (the < batch tokens left over at the end are dropped)."""
     n = len(ids) // batch
     if n < 2:
-        raise ValueError(f"a corpus of {len(ids)} tokens is too short for {batch} streams")
+        raise DataError(f"a corpus of {len(ids)} tokens is too short for {batch} streams (--batch)")
     return ids[: n * batch].view(batch, n).t().contiguous()
 
 

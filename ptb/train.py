@@ -3,22 +3,24 @@
 
     python ptb/train.py --level word
     python ptb/train.py --level char
-    python ptb/train.py --level word --max_steps 2000     # a short run
+    python ptb/train.py --level word --max-steps 2000     # a short run
+    python -m lem.bench epoch ptb --level char --synthetic --no-eval   # training tokens/s here
 
-embedding → dropout → LEM (Δt = 1, z-gate bias +1, variational dropout on y) → dropout → decoder
-(tied to the embedding at word level). The training corpus is read as `batch` parallel streams
-in windows of `bptt` tokens, the state carried (detached) from one window to the next. One
-"turn" (a harness epoch in the logs) is `eval_every` = 200 steps; after each turn the whole
-validation and test splits are evaluated deterministically.
+embedding → dropout → LEM (Δt = --dt, 1 in the paper; z-gate bias +1; variational dropout on y)
+→ dropout → decoder (tied to the embedding at word level). The training corpus is read as `batch`
+parallel streams in windows of `bptt` tokens, the state carried (detached) from one window to the
+next. One "turn" (a harness epoch in the logs, what --epochs counts) is `eval_every` = 200 steps;
+after each turn the whole validation and test splits are evaluated deterministically.
 
 Weight averaging (SPEC §3.9): once validation has not improved for `avg_patience` turns, or at
 turn `avg_latest` at the latest, the run switches to the arithmetic mean of the weights after
 every later step (torch.optim.swa_utils.AveragedModel) and evaluates with it. Our stopping rule
 (the reference's could not be checked): the run ends when the averaged model's validation has
-not improved for `avg_patience` turns, or after `max_turns`, or after `max_steps`.
+not improved for `avg_patience` turns, or after --epochs turns, or after --max-steps steps.
 """
 import argparse
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -26,20 +28,21 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 import lem
-from lem.download import DownloadError
-from data import batchify, eval_streams, load_corpus, num_windows, window
+from lem.harness import at_least, probability
+from data import batchify, eval_streams, load_corpus, num_windows, synthetic_corpus, window
 
 
 class LanguageModel(nn.Module):
     """embedding → input dropout → LEM → output dropout → decoder (SPEC §3.9)."""
 
-    def __init__(self, vocab_size, emsize, nhid, dropout_in, dropout_out, dropout_state, tie_weights):
+    def __init__(self, vocab_size, emsize, nhid, dropout_in, dropout_out, dropout_state, tie_weights, dt=1.0,
+                 backend="auto"):
         super().__init__()
         if tie_weights and emsize != nhid:
             raise ValueError(f"tied embedding and decoder need --emsize == --nhid, got {emsize} and {nhid}")
         self.embedding = nn.Embedding(vocab_size, emsize)
         self.input_dropout = nn.Dropout(dropout_in)
-        self.rnn = lem.LEM(emsize, nhid, dt=1.0, state_dropout=dropout_state)
+        self.rnn = lem.LEM(emsize, nhid, dt=dt, state_dropout=dropout_state, backend=backend)
         self.output_dropout = nn.Dropout(dropout_out)
         self.decoder = nn.Linear(nhid, vocab_size)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
@@ -67,6 +70,9 @@ def l2_penalty(model):
 class PTB(lem.Task):
     name = "ptb"
     higher_is_better = False
+    models = ("lem",)
+    epoch = "a turn of --eval-every steps"
+    load, synthetic = staticmethod(load_corpus), staticmethod(synthetic_corpus)
     level = None
     level_defaults = {}
 
@@ -74,37 +80,28 @@ class PTB(lem.Task):
     def add_arguments(cls, parser):
         d = cls.level_defaults
         parser.add_argument("--level", choices=["word", "char"], default=cls.level)
-        parser.add_argument("--emsize", type=int, default=d["emsize"], help="embedding size")
-        parser.add_argument("--bptt", type=int, default=d["bptt"], help="window length of truncated BPTT")
-        parser.add_argument("--dropout_in", type=float, default=d["dropout_in"], help="dropout on the embedding")
-        parser.add_argument("--dropout_out", type=float, default=d["dropout_out"], help="dropout on the LEM output")
-        parser.add_argument("--dropout_state", type=float, default=d["dropout_state"],
+        parser.add_argument("--emsize", type=at_least(1), default=d["emsize"], help="embedding size")
+        parser.add_argument("--bptt", type=at_least(1), default=d["bptt"], help="window length of truncated BPTT")
+        parser.add_argument("--dropout-in", type=probability, default=d["dropout_in"], help="dropout on the embedding")
+        parser.add_argument("--dropout-out", type=probability, default=d["dropout_out"], help="dropout on the LEM output")
+        parser.add_argument("--dropout-state", type=probability, default=d["dropout_state"],
                             help="variational dropout on the recurrent state y (one mask per window)")
         parser.add_argument("--l2", type=float, default=d["l2"], help="L2 penalty: loss += l2 · ½ Σ θ²")
-        parser.add_argument("--tie_weights", action=argparse.BooleanOptionalAction, default=d["tie_weights"],
+        parser.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=d["tie_weights"],
                             help="decoder weight = embedding weight")
-        parser.add_argument("--eval_every", type=int, default=200, help="steps per turn (validation after each)")
-        parser.add_argument("--avg_patience", type=int, default=d["avg_patience"],
+        parser.add_argument("--eval-every", type=at_least(1), default=200, help="steps per turn (validation after each)")
+        parser.add_argument("--avg-patience", type=at_least(1), default=d["avg_patience"],
                             help="turns without validation improvement before averaging starts (and before stopping once averaging)")
-        parser.add_argument("--avg_latest", type=int, default=d["avg_latest"], help="start averaging at this turn at the latest")
-        parser.add_argument("--max_turns", type=int, default=2 * d["avg_latest"], help="stop after this many turns")
-        parser.add_argument("--max_steps", type=int, default=None, help="stop after this many steps (short runs)")
-        parser.add_argument("--eval_batch", type=int, default=10, help="parallel streams when evaluating")
-        parser.add_argument("--data_url", default=None,
+        parser.add_argument("--avg-latest", type=at_least(1), default=d["avg_latest"], help="start averaging at this turn at the latest")
+        parser.add_argument("--max-steps", type=at_least(1), default=None, help="stop after this many steps (short runs)")
+        parser.add_argument("--eval-batch", type=at_least(1), default=10, help="parallel streams when evaluating")
+        parser.add_argument("--data-url", default=None,
                             help="base URL of the PTB files (word) or of simple-examples.tgz (char); default: see ptb/data.py")
 
     def __init__(self, args, device):
         super().__init__(args, device)
-        if args.model != "lem":
-            raise SystemExit("ptb/train.py trains LEM only (--model lem)")
-        for flag in ("bptt", "eval_every", "eval_batch", "avg_patience", "max_turns", "batch"):
-            if getattr(args, flag) < 1:
-                raise SystemExit(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-        try:
-            self.vocab, ids = load_corpus(args.level, f"{args.data_dir}/ptb", args.data_url)
-            self.train_streams = batchify(ids["train"], args.batch).to(device)
-        except (DownloadError, ValueError) as e:
-            raise SystemExit(str(e))
+        self.vocab, ids = self.load(args.level, Path(args.data_dir) / "ptb", args.data_url)
+        self.train_streams = batchify(ids["train"], args.batch).to(device)
         self.eval_data = {split: tuple(t.to(device) for t in eval_streams(ids[split], args.eval_batch))
                           for split in ("valid", "test")}
         self.n_windows = num_windows(self.train_streams, args.bptt)
@@ -118,7 +115,7 @@ class PTB(lem.Task):
         return f"lem_{a.level}_h{a.nhid}_seed{a.seed}"
 
     def num_epochs(self):
-        turns = self.args.max_turns
+        turns = self.args.epochs
         if self.args.max_steps is not None:
             turns = min(turns, -(-self.args.max_steps // self.args.eval_every))
         return min(turns, self.stop_turn) if self.stop_turn is not None else turns
@@ -126,7 +123,7 @@ class PTB(lem.Task):
     def build_model(self):
         a = self.args
         model = LanguageModel(len(self.vocab), a.emsize, a.nhid, a.dropout_in, a.dropout_out, a.dropout_state,
-                              a.tie_weights).to(self.device)
+                              a.tie_weights, a.dt, a.backend).to(self.device)
         self.averaged = AveragedModel(model)  # the arithmetic mean (its default), filled once averaging starts
         return model
 
@@ -186,7 +183,7 @@ class PTB(lem.Task):
 
 class PTBWord(PTB):
     level, metric, paper = "word", "ppl", 72.8
-    defaults = dict(nhid=256, batch=64, lr=6.84e-4, grad_norm=4.0, dt=1.0)
+    defaults = dict(nhid=256, batch=64, lr=6.84e-4, grad_norm=4.0, dt=1.0, epochs=1600)  # epochs: 2 x avg_latest
     level_defaults = dict(emsize=256, bptt=70, dropout_in=0.4248, dropout_out=0.4568, dropout_state=0.1963,
                           l2=3.31e-4, tie_weights=True, avg_patience=50, avg_latest=800)
 
@@ -197,7 +194,7 @@ class PTBWord(PTB):
 
 class PTBChar(PTB):
     level, metric, paper = "char", "bpc", 1.25
-    defaults = dict(nhid=1024, batch=128, lr=6.58e-4, grad_norm=1.0, dt=1.0)
+    defaults = dict(nhid=1024, batch=128, lr=6.58e-4, grad_norm=1.0, dt=1.0, epochs=800)
     level_defaults = dict(emsize=200, bptt=150, dropout_in=0.0474, dropout_out=0.1908, dropout_state=0.1855,
                           l2=2.63e-4, tie_weights=False, avg_patience=25, avg_latest=400)
 

@@ -3,12 +3,14 @@
     python smnist/train.py               # H = 128, the reference's default
     python smnist/train.py --nhid 256    # the paper's 256-unit run
 
-MNIST is downloaded by torchvision into <data>/MNIST/raw (see lem/images.py). The 60000
-training images are split 57000 / 3000 into train / valid (random_split, generator seeded
-with --seed); the test set is MNIST's 10000.
+MNIST is downloaded by torchvision into <data>/MNIST/raw (see lem/images.py; the task sMNIST,
+psMNIST and noisy CIFAR share: lem/image_task.py). The 60000 training images are split
+57000 / 3000 into train / valid (random_split, generator seeded with --seed); the test set is
+MNIST's 10000. Epoch time here: python -m lem.bench epoch smnist --synthetic (docs/images.md).
 """
 import lem
-from lem.images import ImageTask, load_mnist
+from lem.image_task import ImageTask
+from lem.images import load_mnist, synthetic_mnist
 from data import pixel_sequences
 
 
@@ -19,7 +21,7 @@ class SequentialMNIST(ImageTask):
                     seed=5544)
     input_size = 1
     valid_size = 3000
-    load = staticmethod(load_mnist)
+    load, synthetic = staticmethod(load_mnist), staticmethod(synthetic_mnist)
 
     def sequences(self, images):
         return pixel_sequences(images)

@@ -1,29 +1,12 @@
 """Shared test utilities: run an experiment's train.py as a user would, load a module by path."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_module(relative_path, name=None):
-    """Import <repo>/<relative_path> under a unique name (every experiment has a data.py)."""
-    path = REPO / relative_path
-    name = name or "_".join(Path(relative_path).with_suffix("").parts)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))  # for the module's own sibling imports (from data import ...)
-    cached = sys.modules.get("data")
-    if cached is not None and Path(getattr(cached, "__file__", "") or "").parent != path.parent:
-        del sys.modules["data"]  # another experiment's data.py must not answer for this one's
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(path.parent))
-    return module
+from lem.experiments import load_file as load_module  # noqa: F401  (import <repo>/<path> under a unique name)
+from lem.runlog import REPO_ROOT as REPO
 
 
 def train_env(**extra):

@@ -11,8 +11,8 @@ from helpers import REPO, read_run, run_train, train_env
 from lem import distributed, harness, runlog
 
 # 12 trajectories in batches of 5, 5, 2: shares of 3 and 2 samples, so the loss weights matter
-FHN = ["--n_train", 12, "--n_valid", 4, "--n_test", 4, "--nhid", 8, "--batch", 5, "--epochs", 2]
-ADDING = ["--seq_length", 20, "--max_iter", 200, "--test_size", 40, "--nhid", 8, "--batch", 10]
+FHN = ["--n-train", 12, "--n-valid", 4, "--n-test", 4, "--nhid", 8, "--batch", 5, "--epochs", 2]
+ADDING = ["--seq-length", 20, "--max-iter", 200, "--test-size", 40, "--nhid", 8, "--batch", 10]
 RUN_FILES = {"checkpoint.pt", "checkpoint.prev.pt", "config.json", "log.jsonl", "log.txt", "summary.json", "run.lock"}
 
 

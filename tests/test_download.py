@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from lem import download as dl
+from lem.data import DataError
 
 PAYLOAD = bytes(range(256)) * 1200  # 300 KiB
 
@@ -116,7 +117,7 @@ def test_oversized_part_file_is_dropped_and_refetched(server, tmp_path):
 def test_checksum_mismatch_removes_the_file_and_says_what_to_do(server, tmp_path):
     server.files["/a.bin"] = PAYLOAD
     url = server.url + "/a.bin"
-    with pytest.raises(dl.DownloadError) as e:
+    with pytest.raises(DataError) as e:
         dl.download(url, tmp_path / "a.bin", sha256="0" * 64)
     assert url in str(e.value) and str(tmp_path) in str(e.value) and "sha256" in str(e.value)
     assert list(tmp_path.iterdir()) == []
@@ -124,7 +125,7 @@ def test_checksum_mismatch_removes_the_file_and_says_what_to_do(server, tmp_path
 
 def test_404_fails_at_once_naming_url_and_folder(server, tmp_path):
     url = server.url + "/missing.zip"
-    with pytest.raises(dl.DownloadError) as e:
+    with pytest.raises(DataError) as e:
         dl.download(url, tmp_path / "missing.zip")
     assert "404" in str(e.value) and url in str(e.value) and str(tmp_path) in str(e.value)
     assert len(server.requests) == 1
@@ -136,7 +137,7 @@ def test_unreachable_host_gives_up_after_retries(tmp_path, monkeypatch):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Files)
     url = f"http://127.0.0.1:{srv.server_address[1]}/a.bin"
     srv.server_close()  # nothing listens on that port any more
-    with pytest.raises(dl.DownloadError, match="after 2 tries") as e:
+    with pytest.raises(DataError, match="after 2 tries") as e:
         dl.download(url, tmp_path / "a.bin", retries=2, timeout=5)
     assert url in str(e.value)
 
@@ -156,7 +157,7 @@ def test_extract_takes_only_the_members_asked_for(tmp_path):
     paths = dl.extract(archive, ["A/A_TRAIN.ts", "A/A_TEST.ts"], tmp_path / "out")
     assert [p.read_bytes() for p in paths] == [b"train", b"test"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["A_TEST.ts", "A_TRAIN.ts"]
-    with pytest.raises(dl.DownloadError, match="0 entries named 'C/C_TRAIN.ts'"):
+    with pytest.raises(DataError, match="0 entries named 'C/C_TRAIN.ts'"):
         dl.extract(archive, ["C/C_TRAIN.ts"], tmp_path / "out")
 
 
@@ -165,10 +166,10 @@ def test_extract_detects_corruption_and_removes_the_archive(tmp_path):
     data[100] ^= 0xFF  # inside the compressed member
     archive = tmp_path / "archive.zip"
     archive.write_bytes(bytes(data))
-    with pytest.raises(dl.DownloadError, match="not a valid zip") as e:
+    with pytest.raises(DataError, match="not a valid zip") as e:
         dl.extract(archive, ["A/A_TRAIN.ts"], tmp_path / "out", url="http://127.0.0.1:9/archive.zip")
     assert "http://127.0.0.1:9/archive.zip" in str(e.value) and str(tmp_path) in str(e.value)
     assert not archive.exists() and list((tmp_path / "out").iterdir()) == []
     archive.write_bytes(make_zip({"A/A_TRAIN.ts": PAYLOAD})[:-40])  # truncated: no central directory
-    with pytest.raises(dl.DownloadError, match="not a valid zip"):
+    with pytest.raises(DataError, match="not a valid zip"):
         dl.extract(archive, ["A/A_TRAIN.ts"], tmp_path / "out")

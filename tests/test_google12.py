@@ -125,10 +125,10 @@ def test_split_follows_list_files(extracted):
 
 def test_checksum_mismatch_and_corrupt_archive(server, tmp_path):
     url, _, _ = server
-    with pytest.raises(data.DownloadError, match=f"{url}/{data.ARCHIVE}.*expected 0000"):
+    with pytest.raises(data.DataError, match=f"{url}/{data.ARCHIVE}.*expected 0000"):
         data.fetch(tmp_path, f"{url}/{data.ARCHIVE}", sha256="0" * 64)
     assert not (tmp_path / data.ARCHIVE).exists() and not (tmp_path / data.FOLDER).exists()
-    with pytest.raises(data.DownloadError, match="not a readable tar.gz.*garbage.tar.gz"):
+    with pytest.raises(data.DataError, match="not a readable tar.gz.*garbage.tar.gz"):
         data.fetch(tmp_path, f"{url}/garbage.tar.gz", sha256=None)
     assert not (tmp_path / data.FOLDER).exists()
 
@@ -136,11 +136,11 @@ def test_checksum_mismatch_and_corrupt_archive(server, tmp_path):
 def test_wav_reading(tmp_path):
     stereo = tmp_path / "stereo.wav"
     stereo.write_bytes(wav_bytes(tone(440, 800), channels=2))
-    with pytest.raises(ValueError, match="stereo.wav.*16 kHz mono"):
+    with pytest.raises(data.DataError, match="stereo.wav.*16 kHz mono"):
         data.read_wav(stereo)
     broken = tmp_path / "broken.wav"
     broken.write_bytes(b"RIFF0000WAVE")
-    with pytest.raises(ValueError, match="broken.wav"):
+    with pytest.raises(data.DataError, match="broken.wav"):
         data.read_wav(broken)
     with pytest.raises(ValueError, match="shape"):
         data.LogMel()(torch.zeros(16000))
@@ -239,13 +239,15 @@ def test_end_to_end_from_local_server(server, tmp_path):
     assert 0 <= summary["test"] <= 100 and len(log) == 1
     assert config["args"]["drop"] == 0.03 and config["args"]["lr_decay_epoch"] == 50
 
-    cache = tmp_path / "data" / "speech_commands" / "features"
-    manifest = json.loads((cache / "manifest.json").read_text())
+    cache = tmp_path / "data" / "speech_commands" / "features.pt"
+    manifest = json.loads(cache.with_suffix(".json").read_text())
+    assert manifest["params"]["sha256"] == digest and manifest["params"]["features"]["n_mels"] == 80
+    counts = manifest["notes"]["splits"]
     n_words = len(FOLDERS)
-    assert {s: manifest["splits"][s]["clips"] for s in data.SPLITS} == {"train": n_words + 3, "valid": n_words, "test": n_words}
-    assert manifest["splits"]["train"]["per_class"]["silence"] == 3 and manifest["splits"]["valid"]["per_class"]["silence"] == 0
-    assert manifest["splits"]["train"]["per_class"]["unknown"] == len(UNKNOWN_WORDS)
-    train = torch.load(cache / "train.pt")
+    assert {s: counts[s]["clips"] for s in data.SPLITS} == {"train": n_words + 3, "valid": n_words, "test": n_words}
+    assert counts["train"]["per_class"]["silence"] == 3 and counts["valid"]["per_class"]["silence"] == 0
+    assert counts["train"]["per_class"]["unknown"] == len(UNKNOWN_WORDS)
+    train = torch.load(cache)["train"]
     assert train["x"].shape == (n_words + 3, 126, 80) and train["x"].dtype == torch.float16
     folder = tmp_path / "data" / "speech_commands" / data.FOLDER
     expected = data.LogMel()(data.read_wav(folder / train["clips"][0])[None])[0]  # a word clip shorter than 1 s
@@ -256,9 +258,9 @@ def test_end_to_end_from_local_server(server, tmp_path):
     torch.testing.assert_close(train["x"][-1].float(), expected, atol=5e-3, rtol=1e-3)
 
     # a second time the cache is read: no download (the URL is dead), no recomputation
-    mtime = (cache / "train.pt").stat().st_mtime
+    mtime = cache.stat().st_mtime
     splits = data.load_splits(tmp_path / "data", "http://127.0.0.1:9/gone.tar.gz", digest)
-    assert torch.equal(splits["train"][0], train["x"]) and (cache / "train.pt").stat().st_mtime == mtime
+    assert torch.equal(splits["train"][0], train["x"]) and cache.stat().st_mtime == mtime
 
 
 def test_download_failure_is_a_message(server, tmp_path):

@@ -18,7 +18,7 @@ from lem import harness, results, runlog
 from helpers import REPO, read_run, run_train, train_env
 
 # The reference loop keeps these runs slow enough (~1 s an epoch) for a signal to land mid-run.
-FHN_TINY = ["--n_train", 16, "--n_valid", 8, "--n_test", 8, "--nhid", 8, "--batch", 4, "--backend", "reference"]
+FHN_TINY = ["--n-train", 16, "--n-valid", 8, "--n-test", 8, "--nhid", 8, "--batch", 4, "--backend", "reference"]
 
 
 def metrics_only(log):
@@ -55,7 +55,7 @@ def test_fitzhugh_nagumo_run_writes_every_log_file(fhn_reference):
 
 
 def test_adding_run_end_to_end(tmp_path):
-    run_train("adding", "--seq_length", 20, "--max_iter", 150, "--test_size", 40, "--nhid", 8,
+    run_train("adding", "--seq-length", 20, "--max-iter", 150, "--test-size", 40, "--nhid", 8,
               out_dir=tmp_path, data_dir=tmp_path)
     summary, config, log = read_run(tmp_path / "lem_T20_h8_seed5544")
     assert [r["step"] for r in log] == [100, 150]  # test MSE every 100 iterations, and at the end
@@ -63,7 +63,7 @@ def test_adding_run_end_to_end(tmp_path):
     assert (tmp_path / "lem_T20_h8_seed5544" / "log.txt").read_text().count("test_mse=") == 2
 
 
-ADDING_TINY = ["--seq_length", 20, "--max_iter", 100, "--test_size", 40, "--nhid", 8]
+ADDING_TINY = ["--seq-length", 20, "--max-iter", 100, "--test-size", 40, "--nhid", 8]
 
 
 @pytest.mark.parametrize("model", ["lstm", "gru"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import load_module, read_run, run_train
-from lem.download import DownloadError
+from lem.data import DataError
 
 data = load_module("heart_rate/data.py")
 
@@ -108,7 +108,7 @@ def test_bidmc32hr_is_downloaded_and_only_its_files_extracted(tmp_path, archive_
     assert [f.read_bytes() for f in files] == [members["BIDMC32HR/BIDMC32HR_TRAIN.ts"], members["BIDMC32HR/BIDMC32HR_TEST.ts"]]
     assert sorted(p.name for p in (folder / "BIDMC32HR").iterdir()) == ["BIDMC32HR_TEST.ts", "BIDMC32HR_TRAIN.ts"]
     assert not (folder / "AppliancesEnergy").exists()
-    with pytest.raises(DownloadError, match="404") as e:
+    with pytest.raises(DataError, match="404") as e:
         data.bidmc32hr_files(tmp_path / "other", url=base + "missing.zip")
     assert str(tmp_path / "other" / "heart_rate") in str(e.value)
 

@@ -16,7 +16,8 @@ from torchvision.datasets import CIFAR10, MNIST
 
 import lem.harness
 from helpers import load_module, read_run, run_train
-from lem.images import DataError, load_cifar10, load_mnist, split_train_valid
+from lem.data import DataError
+from lem.images import load_cifar10, load_mnist, split_train_valid
 
 smnist_data = load_module("smnist/data.py")
 psmnist_data = load_module("psmnist/data.py")
@@ -113,7 +114,7 @@ def test_train_valid_split_is_seeded_random_split():
     assert sorted(torch.cat((train, valid)).tolist()) == list(range(100))
     assert torch.equal(split_train_valid(100, 10, seed=3)[1], valid)
     assert not torch.equal(split_train_valid(100, 10, seed=4)[1], valid)
-    with pytest.raises(SystemExit, match="--valid_size"):
+    with pytest.raises(DataError, match="--valid-size must be between 1 and 99"):
         split_train_valid(100, 100, seed=3)
 
 
@@ -246,7 +247,7 @@ def test_truncated_cifar_batch(tmp_path):
 
 def test_smnist_trains_end_to_end(tmp_path):
     write_mnist(tmp_path / "data")
-    run_train("smnist", "--nhid", 8, "--epochs", 1, "--batch", 16, "--valid_size", 12,
+    run_train("smnist", "--nhid", 8, "--epochs", 1, "--batch", 16, "--valid-size", 12,
               out_dir=tmp_path / "out", data_dir=tmp_path / "data")
     summary, config, log = read_run(tmp_path / "out" / "lem_h8_seed5544")
     assert summary["status"] == "finished" and summary["metric"] == "accuracy" and summary["paper"] == 99.5
@@ -257,7 +258,7 @@ def test_smnist_trains_end_to_end(tmp_path):
 
 def test_psmnist_trains_and_saves_its_permutation(tmp_path):
     write_mnist(tmp_path / "data")
-    run_train("psmnist", "--nhid", 8, "--epochs", 1, "--batch", 32, "--valid_size", 12, "--seed", 3,
+    run_train("psmnist", "--nhid", 8, "--epochs", 1, "--batch", 32, "--valid-size", 12, "--seed", 3,
               out_dir=tmp_path / "out", data_dir=tmp_path / "data")
     saved = psmnist_data.load_permutation(tmp_path / "out" / "lem_h8_seed3" / "permutation.json")
     torch.manual_seed(3)
@@ -268,7 +269,7 @@ def test_psmnist_trains_and_saves_its_permutation(tmp_path):
 
 def test_noisy_cifar_trains_end_to_end(tmp_path):
     write_cifar(tmp_path / "data", per_batch=8)
-    run_train("noisy_cifar", "--nhid", 8, "--epochs", 1, "--batch", 16, "--valid_size", 8,
+    run_train("noisy_cifar", "--nhid", 8, "--epochs", 1, "--batch", 16, "--valid-size", 8,
               out_dir=tmp_path / "out", data_dir=tmp_path / "data")
     summary, config, log = read_run(tmp_path / "out" / "lem_h8_seed5544")
     assert summary["status"] == "finished" and log[0]["step"] == 2  # 32 training images, batches of 16
@@ -280,7 +281,7 @@ def test_fresh_noise_evaluates_the_same_noisy_set_each_time(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "data", cifar_data)  # what train.py's `from data import` must find
     train = load_module("noisy_cifar/train.py")
     args = lem.harness.build_parser(train.NoisyCIFAR).parse_args(
-        ["--data-dir", str(tmp_path), "--valid_size", "4", "--nhid", "4", "--fresh-noise"])
+        ["--data-dir", str(tmp_path), "--valid-size", "4", "--nhid", "4", "--fresh-noise"])
     task = train.NoisyCIFAR(args, torch.device("cpu"))
     model = task.build_model().eval()
     torch.manual_seed(0)

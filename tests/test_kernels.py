@@ -211,7 +211,7 @@ def test_bench_peak_memory_sees_a_large_allocation():
 def test_harness_backend_flag_trains_the_same_model(tmp_path):
     finals = {}
     for backend in ("reference", "cpp"):
-        run_train("adding", "--seq_length", 20, "--max_iter", 200, "--test_size", 40, "--nhid", 8, "--batch", 10,
+        run_train("adding", "--seq-length", 20, "--max-iter", 200, "--test-size", 40, "--nhid", 8, "--batch", 10,
                   "--backend", backend, out_dir=tmp_path / backend, data_dir=tmp_path)
         finals[backend] = read_run(tmp_path / backend / "lem_T20_h8_seed5544")[0]["test"]
     assert finals["cpp"] == pytest.approx(finals["reference"], rel=1e-3)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import load_module, read_run, run_train
+from lem import bench
 from lem.harness import build_parser, run
 from lem.model import LEM, lem_step
 
@@ -108,7 +109,7 @@ def test_char_files_come_out_of_the_archive(server, tmp_path):
 
 def test_broken_archive_names_url_and_folder(tmp_path):
     (tmp_path / "simple-examples.tgz").write_bytes(b"not a tar file")
-    with pytest.raises(ptb_data.DownloadError, match="by hand") as e:
+    with pytest.raises(ptb_data.DataError, match="by hand") as e:
         ptb_data.fetch("char", tmp_path, "http://127.0.0.1:9")
     assert "http://127.0.0.1:9/simple-examples.tgz" in str(e.value) and str(tmp_path) in str(e.value)
 
@@ -138,7 +139,7 @@ def test_evaluation_streams_hold_every_prediction_once():
 def make_task(server, tmp_path, level="word", *extra):
     cls = ptb_train.LEVELS[level]
     args = build_parser(cls).parse_args(["--level", level, "--nhid", "8", "--emsize", "8", "--batch", "3",
-                                         "--bptt", "6", "--data_url", server["url"], *map(str, extra)])
+                                         "--bptt", "6", "--data-url", server["url"], *map(str, extra)])
     args.data_dir = str(tmp_path)
     torch.manual_seed(0)
     task = cls(args, torch.device("cpu"))
@@ -236,7 +237,7 @@ def test_averaged_model_is_the_mean_of_the_snapshots(server, tmp_path):
 
 
 def test_averaging_starts_when_validation_stalls_then_the_run_stops(server, tmp_path):
-    task, _ = make_task(server, tmp_path, "word", "--avg_patience", 2, "--avg_latest", 100, "--max_turns", 50)
+    task, _ = make_task(server, tmp_path, "word", "--avg-patience", 2, "--avg-latest", 100, "--epochs", 50)
     for turn, ppl in enumerate([9, 8, 8.5, 8.2, 7, 6.9, 7.1], start=1):
         task.after_evaluation(turn, {"valid": {"ppl": ppl}})
         if turn == 3:
@@ -244,7 +245,7 @@ def test_averaging_starts_when_validation_stalls_then_the_run_stops(server, tmp_
     assert task.averaging_from == 4 and task.stop_turn is None   # turn 2 best, 2 turns without gain
     task.after_evaluation(8, {"valid": {"ppl": 7.2}})
     assert task.stop_turn == 8 and task.num_epochs() == 8        # averaged best at turn 6
-    late, _ = make_task(server, tmp_path, "word", "--avg_latest", 3)
+    late, _ = make_task(server, tmp_path, "word", "--avg-latest", 3)
     for turn in (1, 2, 3):
         late.after_evaluation(turn, {"valid": {"ppl": 10.0 - turn}})
     assert late.averaging_from == 3
@@ -262,8 +263,8 @@ def test_level_defaults_are_the_papers():
     assert (word.avg_patience, word.avg_latest, char.avg_patience, char.avg_latest) == (50, 800, 25, 400)
 
 
-TINY = ["--nhid", 8, "--emsize", 8, "--batch", 3, "--bptt", 6, "--eval_every", 2, "--max_steps", 4,
-        "--avg_latest", 1]
+TINY = ["--nhid", 8, "--emsize", 8, "--batch", 3, "--bptt", 6, "--eval-every", 2, "--max-steps", 4,
+        "--avg-latest", 1]
 
 
 def train_in_process(*args, out_dir, data_dir):
@@ -274,14 +275,14 @@ def train_in_process(*args, out_dir, data_dir):
 
 @pytest.mark.parametrize("level,metric", [("word", "ppl"), ("char", "bpc")])
 def test_train_end_to_end(server, tmp_path, level, metric):
-    args = ["--level", level, *TINY, "--data_url", server["url"], "--run-name", "r"]
+    args = ["--level", level, *TINY, "--data-url", server["url"], "--run-name", "r"]
     if level == "word":  # once as a user runs it, in its own interpreter
         run_train("ptb", *args, out_dir=tmp_path / "out", data_dir=tmp_path / "data")
     else:
         train_in_process(*args, out_dir=tmp_path / "out", data_dir=tmp_path / "data")
     summary, config, log = read_run(tmp_path / "out" / "r")
     assert summary["status"] == "finished" and summary["steps"] == 4 and summary["metric"] == metric
-    assert [r["valid"]["averaged"] for r in log] == [False, True]  # averaging from turn 1 on (--avg_latest 1)
+    assert [r["valid"]["averaged"] for r in log] == [False, True]  # averaging from turn 1 on (--avg-latest 1)
     assert all(math.isfinite(r[s][metric]) for r in log for s in ("valid", "test"))
     bound = math.log(len(ptb_data.load_corpus(level, tmp_path / "data" / "ptb", server["url"])[0]))
     assert log[-1]["valid"]["nll"] < bound  # better than uniform after 4 steps
@@ -290,7 +291,7 @@ def test_train_end_to_end(server, tmp_path, level, metric):
 
 def test_resume_is_exact(server, tmp_path):
     """Stopped after every step (--max-time 0) and resumed: carried state, averaging and RNGs come back."""
-    common = ["--level", "word", *TINY, "--data_url", server["url"]]
+    common = ["--level", "word", *TINY, "--data-url", server["url"]]
     train_in_process(*common, "--run-name", "straight", out_dir=tmp_path, data_dir=tmp_path / "data")
     train_in_process(*common, "--run-name", "pieces", "--max-time", 0, out_dir=tmp_path, data_dir=tmp_path / "data")
     first = json.loads((tmp_path / "pieces" / "summary.json").read_text())
@@ -304,14 +305,18 @@ def test_resume_is_exact(server, tmp_path):
     assert [r["test"] for r in straight[2]] == [r["test"] for r in pieces[2]]
 
 
-def test_throughput_tool_times_the_training_step(capsys):
-    saved = sys.modules.get("train")
-    sys.modules["train"] = ptb_train
-    try:
-        tool = load_module("ptb/throughput.py", "ptb_throughput")
-    finally:
-        sys.modules.pop("train") if saved is None else sys.modules.__setitem__("train", saved)
-    tool.main(["--level", "char", "--nhid", "8", "--emsize", "4", "--batch", "2", "--bptt", "3", "--steps", "2",
-               "--device", "cpu"])
+def test_dt_and_backend_reach_the_model_and_its_average(server, tmp_path):
+    task, model = make_task(server, tmp_path, "word", "--dt", "0.5", "--backend", "reference")
+    for net in (model, task.averaged.module):
+        assert net.rnn.dt == 0.5 and net.rnn.backend == "reference"
+    _, default = make_task(server, tmp_path, "word")
+    assert default.rnn.dt == 1.0 and default.rnn.backend == "auto"  # SPEC §3.9: Δt = 1
+
+
+def test_bench_times_the_training_step_in_tokens_per_second(tmp_path, capsys):
+    bench.main(["epoch", "ptb", "--level", "char", "--synthetic", "--no-eval", "--batches", "2", "--warmup", "0",
+                "--nhid", "8", "--emsize", "4", "--batch", "2", "--bptt", "3", "--device", "cpu",
+                "--data-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "char: H 8, batch 2, bptt 3 on cpu" in out and "training tokens/s over 2 steps" in out
+    assert "ptb (synthetic data): model lem, H 8, batch 2, backend auto, cpu" in out
+    assert "training tokens/s" in out and "(batch 2 x bptt 3 per step)" in out and "one epoch (200 steps)" in out

@@ -1,0 +1,60 @@
+"""Atomic file writing: every file is written to a temporary name in its folder and renamed over
+the old one (os.replace is atomic), so a process killed at any moment leaves each file whole,
+old or new. Run folders (config, logs, summary, checkpoints) and dataset caches use it."""
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def write_file(path, write, keep=None):
+    """write(f) into a temporary file, then rename it to path. With keep, the file path held is
+    renamed to keep first: at every instant one whole file exists, under one name or the other."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep is not None and path.exists():
+            os.replace(path, keep)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text):
+    write_file(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def torch_save(path, obj):
+    """torch.save(obj) to path, streamed (a dataset cache may be gigabytes)."""
+    write_file(path, lambda f: torch.save(obj, f))
+
+
+def rotate_checkpoint(path, obj, previous):
+    """torch.save(obj) to path; the checkpoint that path held becomes previous (see write_file).
+
+    Serialised in memory first: a full disk then fails in our own write as a plain OSError,
+    where inside torch's zip writer it would surface as an opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_file(path, lambda f: f.write(buffer.getbuffer()), keep=previous)
+
+
+def remove_leftovers(folder):
+    """Delete the temporary files of writes cut short (by a kill -9) in folder. Only for the
+    holder of the folder's lock: anyone else may be writing them right now."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,63 @@
+"""The task sMNIST, psMNIST and noisy CIFAR-10 share (SPEC §3.6-3.8): a 10-class image dataset
+read as a sequence, its last state y_T classified.
+
+Each dataset is decoded once (lem/images.py) into uint8 tensors that stay on the training device;
+a batch is an index tensor, and its pixel sequences (T, B, I) are built on the device when the
+batch is used (`ImageTask.sequences`). There is no DataLoader and no per-item transform.
+"""
+import torch.nn.functional as F
+
+from .harness import Task, at_least, shuffled_batches
+from .images import split_train_valid
+from .model import RNNModel
+
+
+class ImageTask(Task):
+    """A subclass states `load(root)` (lem.images.load_mnist / load_cifar10, with `synthetic` the
+    matching stand-in), `input_size`, `sequences(images)` (uint8 batch -> float (T, B, input_size)
+    on the device) and its defaults."""
+
+    metric = "accuracy"          # in %
+    higher_is_better = True
+    input_size = None
+    valid_size = None            # SPEC: the size of the validation part cut from the training set
+    eval_chunk = 500             # images per forward pass in evaluation (0.2-0.4 GB of layer outputs)
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("--valid-size", type=at_least(1), default=cls.valid_size,
+                            help="images of the training set held out for validation")
+
+    def sequences(self, images):
+        raise NotImplementedError
+
+    def __init__(self, args, device):
+        super().__init__(args, device)
+        data = self.load(args.data_dir)
+        images, labels = data["train"]
+        train, valid = split_train_valid(len(images), args.valid_size, args.seed)
+        self.splits = {"train": (images[train], labels[train]), "valid": (images[valid], labels[valid]),
+                       "test": data["test"]}
+        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+
+    def build_model(self):
+        a = self.args
+        return RNNModel(a.model, self.input_size, a.nhid, 10, dt=a.dt, backend=a.backend)
+
+    def train_batches(self, epoch):
+        return shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
+
+    def loss(self, model, idx):
+        images, labels = self.splits["train"]
+        idx = idx.to(self.device)
+        return F.cross_entropy(model(self.sequences(images[idx])), labels[idx])
+
+    def evaluate(self, model, split):
+        images, labels = self.splits[split]
+        correct, loss = 0, 0.0
+        for start in range(0, len(labels), self.eval_chunk):
+            x, y = images[start:start + self.eval_chunk], labels[start:start + self.eval_chunk]
+            logits = model(self.sequences(x))
+            correct += (logits.argmax(-1) == y).sum().item()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+        return {"accuracy": 100.0 * correct / len(labels), "loss": loss / len(labels)}
