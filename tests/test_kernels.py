@@ -97,7 +97,7 @@ def test_forward_only_is_the_training_forward_bit_for_bit(monkeypatch, T, B, H, 
     torch.manual_seed(0)
     layer = lem.LEM(I, H, dt=0.6, batch_first=batch_first, state_dropout=state_dropout, backend="cpp")
     x = torch.randn((B, T, I) if batch_first else (T, B, I))
-    state = (torch.randn(B, H), torch.randn(B, H)) if with_state else None
+    state = (torch.randn(1, B, H), torch.randn(1, B, H)) if with_state else None
     torch.manual_seed(1)  # the same state-dropout mask in both calls
     ys, (y, z) = layer(x, state)  # grad mode on, the parameters require grad: keeps activations
     torch.manual_seed(1)
