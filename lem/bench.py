@@ -293,8 +293,8 @@ def epoch_main(args, argv):
         evaluation = since(start, device)
         print(f"  evaluation of {', '.join(task.eval_splits)}: {evaluation[0]:.1f} s wall, {evaluation[1]:.1f} s CPU")
         total = [t + e for t, e in zip(total, evaluation)]
-    print(f"  one epoch ({len(epoch_keys)} steps{'' if args.no_eval else ' + evaluation'}): {total[0] / 60:.2f} min wall, "
-          f"{total[1] / 60:.2f} min CPU", flush=True)
+    print(f"  one epoch ({len(epoch_keys)} steps{'' if args.no_eval else ' + evaluation'}): {total[0]:.1f} s = "
+          f"{total[0] / 60:.1f} min wall, {total[1]:.1f} s = {total[1] / 60:.1f} min CPU", flush=True)
 
 
 def synthetic_clips(folder, n, seed=0):
