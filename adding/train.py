@@ -26,7 +26,7 @@ class Adding(lem.Task):
     paper = "1e-4 ... 1e-5"
     baseline = 0.167  # always predicting 1 (the mean of the target): its variance, 1/6
     defaults = dict(nhid=128, batch=50, lr=0.0026, dt=0.0242, seed=5544, epochs=None)
-    epoch = f"{EVAL_EVERY} iterations; default: as many as --max-iter makes"
+    epoch = f"{EVAL_EVERY} iterations; None: as many as --max-iter makes"
     eval_splits = ("test",)
 
     @staticmethod
