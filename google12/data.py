@@ -178,8 +178,9 @@ def extract_features(root, url, sha256, device):
 
 
 def counts(features):
-    return {split: {"clips": len(f["y"]), "per_class": dict(zip(CLASSES, torch.bincount(f["y"], minlength=len(CLASSES)).tolist()))}
-            for split, f in features.items()}
+    """Clips per split and per class (the cache manifest's notes)."""
+    per_class = {split: torch.bincount(f["y"], minlength=len(CLASSES)).tolist() for split, f in features.items()}
+    return {split: {"clips": len(f["y"]), "per_class": dict(zip(CLASSES, per_class[split]))} for split, f in features.items()}
 
 
 # clips per split: torchaudio's lists of the archive, and ~400 one-second silence segments (training)
@@ -189,5 +190,5 @@ SIZES = {"train": 84_843 + 400, "valid": 9_981, "test": 11_005}
 def synthetic_splits(data_dir, url=URL, sha256=SHA256, device="cpu"):
     """What load_splits returns, for random features and labels of the real sizes."""
     g = torch.Generator().manual_seed(0)
-    return {split: (torch.randn(n, FRAMES, MEL["n_mels"], dtype=torch.float16, generator=g), torch.randint(0, len(CLASSES), (n,), generator=g))
-            for split, n in SIZES.items()}
+    return {split: (torch.randn(n, FRAMES, MEL["n_mels"], dtype=torch.float16, generator=g),
+                    torch.randint(0, len(CLASSES), (n,), generator=g)) for split, n in SIZES.items()}
