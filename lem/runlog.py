@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_json  # noqa: F401  (tests/test_results.py writes records through runlog; lead: switch it to lem.atomic)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import re
 import pytest
 from PIL import Image
 
-from lem import harness, results, runlog
+from lem import atomic, harness, results
 
 
 class Sequences(harness.Task):
@@ -32,7 +32,7 @@ def write_run(folder, task_cls, seed, values, model="lem", **args):
              "best": min(history, key=lambda r: r["valid"][task_cls.metric]) if "valid" in task_cls.eval_splits else None}
     config = {"args": {"model": model, "nhid": 16, "seed": seed, "lr": 1e-3, **args}, "experiment": task_cls.name}
     run = harness.Run(folder, task_cls)
-    runlog.write_json(folder / "config.json", config)
+    atomic.write_json(folder / "config.json", config)
     run.write_logs(history)
     run.write_summary(state, "finished", config)
 
