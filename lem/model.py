@@ -326,15 +326,22 @@ class LEM(_LEMBase):
         return torch.stack(ys), z
 
 
-# Padding and packing have data-dependent shapes (the lengths are data), which torch.compile cannot
-# trace: it runs these two eagerly, a graph break on each side of the layers.
-@torch.compiler.disable
+def _eager_when_compiled(fn):
+    """fn, run outside the graph (a graph break) when torch.compile traces it: for padding and
+    packing, whose shapes depend on the lengths, data that torch.compile cannot trace. Wrapped only
+    while compiling, so that importing lem does not import torch._dynamo (~2 s)."""
+    def run(*args):
+        return torch.compiler.disable(fn)(*args) if torch.compiler.is_compiling() else fn(*args)
+    return run
+
+
+@_eager_when_compiled
 def _padded(data, batch_sizes):
     """A PackedSequence's data as (T, B, ·) and its lengths (B,), int64 on the CPU."""
     return pad_packed_sequence(PackedSequence(data, batch_sizes))
 
 
-@torch.compiler.disable
+@_eager_when_compiled
 def _packed(output, lengths):
     """The data of the PackedSequence of the padded (T, B, ·) output with these lengths."""
     return pack_padded_sequence(output, lengths).data

@@ -41,10 +41,6 @@ def gemm_dtype(device, dtype):
     return dtype if dtype in GEMM_DTYPES else None
 
 
-# torch.compile calls this once while tracing and puts the answer into the graph as a constant
-# (the device, size and dtype it depends on are guarded by the graph anyway); a tier that fails
-# later is left by the operator itself (gpu.py), inside the graph.
-@torch.compiler.assume_constant_result
 def resolve(name, device, hidden_size=1, dtype=torch.float32, gpu=None):
     """The backend (for GPU tensors: the tier) that runs a call with tensors of `dtype` on `device`.
     gpu: a gpu.GPU(capability, shared memory per block) to decide for instead of the device's own
@@ -63,6 +59,14 @@ def resolve(name, device, hidden_size=1, dtype=torch.float32, gpu=None):
     from .gpu import tiers
     found = tiers(name, device, hidden_size, dtype, gpu)
     return found[0] if found else "reference"
+
+
+# torch.compile runs resolve() once while tracing and puts its answer into the graph as a constant
+# (the device, size and dtype it depends on are guarded by the graph anyway; a tier that fails later
+# is left by the GPU operator itself, inside the graph), instead of tracing the build, the GPU query
+# and the tier tables. This is what torch.compiler.assume_constant_result(resolve) does, without
+# importing torch._dynamo with lem (~2 s); tests/test_compile.py checks that it still is.
+resolve._dynamo_marked_constant = True
 
 
 def _usable(name):
