@@ -95,18 +95,15 @@ def _backward_y(gys_ptr, acts_ptr, ys_ptr, gy_ptr, dym_ptr, mask_ptr, len_ptr, d
     if HAS_MASK:
         dym = dym * tl.load(mask_ptr + i, mask=ok)
     g = tl.load(gys_ptr + step + i, mask=ok).to(tl.float32) + tl.load(gy_ptr + i, mask=ok) + dym
-    du = du_ptr + 4 * step + b * 4 * H + j
-    d_gy = g * (c_y - tl.load(ys_ptr + step + i, mask=ok)) * dt * s_y * (1.0 - s_y)
-    d_cy = g * dt * s_y * (1.0 - c_y * c_y)
-    gy = g * (1.0 - dt * s_y)
     if HAS_LEN:  # a row that has ended: no gradient of u_proj, dL/dy goes on unchanged
         live = _live(len_ptr, n, b, ok)
-        d_gy = tl.where(live, d_gy, 0.0)
-        d_cy = tl.where(live, d_cy, 0.0)
-        gy = tl.where(live, gy, g)
-    tl.store(du, d_gy.to(du_ptr.dtype.element_ty), mask=ok)
-    tl.store(du + 3 * H, d_cy.to(du_ptr.dtype.element_ty), mask=ok)
-    tl.store(gy_ptr + i, gy, mask=ok)
+    du = du_ptr + 4 * step + b * 4 * H + j
+    d_gy = g * (c_y - tl.load(ys_ptr + step + i, mask=ok)) * dt * s_y * (1.0 - s_y)
+    tl.store(du, (tl.where(live, d_gy, 0.0) if HAS_LEN else d_gy).to(du_ptr.dtype.element_ty), mask=ok)
+    d_cy = g * dt * s_y * (1.0 - c_y * c_y)
+    tl.store(du + 3 * H, (tl.where(live, d_cy, 0.0) if HAS_LEN else d_cy).to(du_ptr.dtype.element_ty), mask=ok)
+    gy = g * (1.0 - dt * s_y)
+    tl.store(gy_ptr + i, tl.where(live, gy, g) if HAS_LEN else gy, mask=ok)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -119,18 +116,15 @@ def _backward_z(acts_ptr, zs_ptr, gz_ptr, dzy_ptr, len_ptr, du_ptr, n, B, H, dt,
     s_z = tl.load(a + H, mask=ok)
     c_z = tl.load(a + 2 * H, mask=ok)
     gz = tl.load(gz_ptr + i, mask=ok) + tl.load(dzy_ptr + i, mask=ok).to(tl.float32)  # dzy: 0 where ended
+    if HAS_LEN:  # a row that has ended: no gradient of u_proj, dL/dz goes on unchanged
+        live = _live(len_ptr, n, b, ok)
     du = du_ptr + 4 * step + b * 4 * H + j
     d_gz = gz * (c_z - tl.load(zs_ptr + step + i, mask=ok)) * dt * s_z * (1.0 - s_z)
+    tl.store(du + H, (tl.where(live, d_gz, 0.0) if HAS_LEN else d_gz).to(du_ptr.dtype.element_ty), mask=ok)
     d_cz = gz * dt * s_z * (1.0 - c_z * c_z)
+    tl.store(du + 2 * H, (tl.where(live, d_cz, 0.0) if HAS_LEN else d_cz).to(du_ptr.dtype.element_ty), mask=ok)
     gz_out = gz * (1.0 - dt * s_z)
-    if HAS_LEN:
-        live = _live(len_ptr, n, b, ok)
-        d_gz = tl.where(live, d_gz, 0.0)
-        d_cz = tl.where(live, d_cz, 0.0)
-        gz_out = tl.where(live, gz_out, gz)
-    tl.store(du + H, d_gz.to(du_ptr.dtype.element_ty), mask=ok)
-    tl.store(du + 2 * H, d_cz.to(du_ptr.dtype.element_ty), mask=ok)
-    tl.store(gz_ptr + i, gz_out, mask=ok)
+    tl.store(gz_ptr + i, tl.where(live, gz_out, gz) if HAS_LEN else gz_out, mask=ok)
 
 
 def forward(u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, dt):
