@@ -391,9 +391,11 @@ void forward_rows(Sizes s, const Forward<T>& f, const T* win_t, const T* whh_t, 
     const T* yp = f.y0 + b0 * H;
     const T* zp = f.z0 + b0 * H;
     const int64_t* len = LEN ? f.len + b0 : nullptr;
-    const int64_t n_end = LEN ? *std::max_element(len, len + R) : Tn;  // then every row is frozen
-    int64_t n = 0;
-    for (; n < n_end; ++n) {
+    // with lengths, every row of the block runs up to step n_all, some up to n_end, none after
+    const int64_t n_all = LEN ? *std::min_element(len, len + R) : Tn;
+    const int64_t n_end = LEN ? *std::max_element(len, len + R) : Tn;
+    auto step = [&](int64_t n, auto some_ended) {
+      constexpr bool ENDED = decltype(some_ended)::value;  // check each row's length at this step
       const int64_t row = n * B + b0;
       T* y = f.ys + row * H;
       T* z = f.zs ? f.zs + row * H : z_own[n & 1];
@@ -402,17 +404,20 @@ void forward_rows(Sizes s, const Forward<T>& f, const T* win_t, const T* whh_t, 
       if (mb) times_mask(yp, mb, ym, R * H);
       rows_vecmat<R>(mb ? ym : yp, whh_t, h, H, 3 * H);
       for (int r = 0; r < R; ++r) {
-        if (LEN && n >= len[r]) std::memcpy(z + r * H, zp + r * H, H * sizeof(T));  // frozen: z_n = z_{n-1}
+        if (ENDED && n >= len[r]) std::memcpy(z + r * H, zp + r * H, H * sizeof(T));  // frozen: z_n = z_{n-1}
         else fwd_z(u + r * 4 * H, h + r * 3 * H, f.bias, zp + r * H, z + r * H, a + r * 4 * H, H, f.dt);
       }
       rows_vecmat<R>(z, wtz_t, q, H, H);
       for (int r = 0; r < R; ++r) {
-        if (LEN && n >= len[r]) std::memcpy(y + r * H, yp + r * H, H * sizeof(T));
+        if (ENDED && n >= len[r]) std::memcpy(y + r * H, yp + r * H, H * sizeof(T));
         else fwd_y(u + r * 4 * H, h + r * 3 * H, f.bias, q + r * H, yp + r * H, y + r * H, a + r * 4 * H, H, f.dt);
       }
       yp = y;
       zp = z;
-    }
+    };
+    int64_t n = 0;
+    for (; n < n_all; ++n) step(n, std::false_type{});
+    for (; n < n_end; ++n) step(n, std::true_type{});
     for (; n < Tn; ++n) {  // (LEN only) every row of the block has ended: y and z repeat
       const int64_t row = n * B + b0;
       std::memcpy(f.ys + row * H, yp, R * H * sizeof(T));
@@ -536,32 +541,37 @@ void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
     T* gz = g.g_z + b0 * H;
     const T* mb = g.mask ? g.mask + b0 * H : nullptr;
     const int64_t* len = LEN ? g.len + b0 : nullptr;
-    const int64_t n_end = LEN ? *std::max_element(len, len + R) : Tn;  // from it on every row is frozen
+    // with lengths, every row of the block runs up to step n_all, some up to n_end, none after
+    const int64_t n_all = LEN ? *std::min_element(len, len + R) : Tn;
+    const int64_t n_end = LEN ? *std::max_element(len, len + R) : Tn;
     std::fill(dym, dym + R * H, T(0));
-    for (int64_t n = Tn - 1; n >= 0; --n) {
+    auto step = [&](int64_t n, auto some_ended) {
+      constexpr bool ENDED = decltype(some_ended)::value;  // check each row's length at this step
       const int64_t row = n * B + b0;  // R consecutive rows of step n
       const T* yp = (n ? g.ys + (n - 1) * B * H : g.y0) + b0 * H;  // y_{n-1}, z_{n-1} of these rows
       const T* zp = (n ? g.zs + (n - 1) * B * H : g.z0) + b0 * H;
       const T* a = g.acts + row * 4 * H;
       T* dU = g.dU + row * 4 * H;
-      if (LEN && n >= n_end) {  // y_n = y_{n-1}, z_n = z_{n-1}: dL/dy_n goes on unchanged
-        for (int64_t i = 0; i < R * H; ++i) gy[i] += g.grad_ys[row * H + i];
-        std::fill(dU, dU + R * 4 * H, T(0));
-        continue;
-      }
       for (int64_t i = 0; i < R * H; ++i) gy[i] += g.grad_ys[row * H + i] + (mb ? dym[i] * mb[i] : dym[i]);
       for (int r = 0; r < R; ++r) {
-        if (LEN && n >= len[r]) std::fill(dU + r * 4 * H, dU + (r + 1) * 4 * H, T(0));  // frozen row
+        if (ENDED && n >= len[r]) std::fill(dU + r * 4 * H, dU + (r + 1) * 4 * H, T(0));  // frozen row
         else bwd_y(a + r * 4 * H, yp + r * H, gy + r * H, dU + r * 4 * H, H, g.dt);
       }
       rows_vecmat<R>(dU + 2 * H, wtz, dzy, H, H, 4 * H);
       for (int64_t i = 0; i < R * H; ++i) gz[i] += dzy[i];
       for (int r = 0; r < R; ++r) {
-        if (!(LEN && n >= len[r])) bwd_z(a + r * 4 * H, zp + r * H, gz + r * H, dU + r * 4 * H, H, g.dt);
+        if (!(ENDED && n >= len[r])) bwd_z(a + r * 4 * H, zp + r * H, gz + r * H, dU + r * 4 * H, H, g.dt);
       }
       add_to(g.db + b0 * 4 * H, dU, R * 4 * H);
       rows_vecmat<R>(dU, whh4, dym, 4 * H, H);
+    };
+    for (int64_t n = Tn - 1; n >= n_end; --n) {  // (LEN only) every row frozen: dL/dy_n goes on unchanged
+      const int64_t row = n * B + b0;
+      for (int64_t i = 0; i < R * H; ++i) gy[i] += g.grad_ys[row * H + i];
+      std::fill(g.dU + row * 4 * H, g.dU + (row + R) * 4 * H, T(0));
     }
+    for (int64_t n = n_end - 1; n >= n_all; --n) step(n, std::true_type{});
+    for (int64_t n = n_all - 1; n >= 0; --n) step(n, std::false_type{});
     for (int64_t i = 0; i < R * H; ++i) gy[i] += mb ? dym[i] * mb[i] : dym[i];
   };
   for_row_blocks<4>(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
