@@ -53,7 +53,8 @@ def _check_count(name, value):
 
 
 def _checked_state(state, shape, layout, like):
-    """(y0, z0) checked to have `shape` (described as `layout`), or zeros of that shape."""
+    """(y0, z0) checked to have `shape` (described as `layout`) and the dtype and device of the input
+    `like`, or zeros of that shape."""
     if state is None:
         zeros = like.new_zeros(shape)
         return zeros, zeros
@@ -64,6 +65,9 @@ def _checked_state(state, shape, layout, like):
         if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
             raise ShapeError(f"expected {name} = state[{i}] of shape {layout} = {shape}, got {got}")
+        if s.dtype != like.dtype or s.device != like.device:
+            raise ValueError(f"expected {name} = state[{i}] with the input's dtype {like.dtype} on its device "
+                             f"{like.device}, got {s.dtype} on {s.device}")
     return tuple(state)
 
 
@@ -98,7 +102,10 @@ class _LEMBase(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def _check_input(self, x):
-        """x (..., input_size) in the parameters' dtype (nn.LSTM's check; autocast may differ)."""
+        """x (..., input_size), floating point, in the parameters' dtype (nn.LSTM's check; autocast may
+        differ)."""
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
         if x.size(-1) != self.input_size:
             raise ShapeError(f"expected input_size = {self.input_size} features in the last dimension, got {x.size(-1)}")
         dtype = self.inp2hid.weight.dtype
@@ -177,9 +184,10 @@ class LEM(_LEMBase):
     backend: how the time loop runs (lem/kernels, docs/kernels.md): 'reference' (the loop below),
     'cpp' (fused CPU), 'triton' (fused GPU, the tier that fits; or a tier by name: 'onchip',
     'stepwise'), or 'auto' (the fused one for the tensors' device, 'reference' with a warning if it
-    cannot be built or launched). Every backend honours state and state_dropout. Under torch.autocast
-    the outputs come in the autocast dtype, as nn.LSTM's do. For now the fused kernels take neither
-    per-row lengths nor bias=False: a PackedSequence and bias=False run the reference loop.
+    cannot be built or launched). Every backend honours state, state_dropout, bias=False and a
+    PackedSequence's per-row lengths. Under torch.autocast the outputs come in the autocast dtype, as
+    nn.LSTM's do. The fused backends are torch.library operators: torch.compile traces the layer
+    without a graph break (a PackedSequence breaks the graph where it is padded and packed again).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -247,7 +255,7 @@ class LEM(_LEMBase):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         if data.dim() != 2:
             raise ShapeError(f"expected a PackedSequence of 2-D data (steps, input_size), got {tuple(data.shape)}")
-        x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # (T, B, I), lengths on CPU
+        x, lengths = _padded(data, batch_sizes)
         self._check_input(x)
         y0, z0 = self._initial_state(state, x.size(1), x)
         if sorted_indices is not None:
@@ -255,8 +263,7 @@ class LEM(_LEMBase):
         output, y_n, z_n = self._layers(x, y0, z0, lengths.to(x.device))
         if unsorted_indices is not None:
             y_n, z_n = y_n.index_select(1, unsorted_indices), z_n.index_select(1, unsorted_indices)
-        output = PackedSequence(pack_padded_sequence(output, lengths).data, batch_sizes, sorted_indices, unsorted_indices)
-        return output, (y_n, z_n)
+        return PackedSequence(_packed(output, lengths), batch_sizes, sorted_indices, unsorted_indices), (y_n, z_n)
 
     def _initial_state(self, state, batch, like):
         """(y0, z0), each (D·L, batch, H), from `state` or zeros; batch None: unbatched, given as (D·L, H)."""
@@ -295,9 +302,8 @@ class LEM(_LEMBase):
         inp2hid, hid2hid, transform_z = self._linears(suffix)
         y_mask = self.state_dropout_mask(x.size(1), x)
         out = None
-        if backend != "reference" and lengths is None and self.bias:  # the kernels take neither lengths
-            # nor bias=False yet (issue #14); None: the GPU tiers failed to launch (warned)
-            out = kernels.fused(backend, x, inp2hid, y, z, hid2hid, transform_z, y_mask, self.dt)
+        if backend != "reference":  # None: every GPU tier failed to launch (each warned)
+            out = kernels.fused(backend, x, inp2hid, y, z, hid2hid, transform_z, y_mask, self.dt, lengths)
         if out is None:
             out = self._reference_loop(inp2hid(x), y, z, hid2hid, transform_z, y_mask, lengths)
         ys, z = out
@@ -318,6 +324,27 @@ class LEM(_LEMBase):
             y, z = (y_new, z_new) if live is None else (torch.where(live[t], y_new, y), torch.where(live[t], z_new, z))
             ys.append(y)
         return torch.stack(ys), z
+
+
+def _eager_when_compiled(fn):
+    """fn, run outside the graph (a graph break) when torch.compile traces it: for padding and
+    packing, whose shapes depend on the lengths, data that torch.compile cannot trace. Wrapped only
+    while compiling, so that importing lem does not import torch._dynamo (~2 s)."""
+    def run(*args):
+        return torch.compiler.disable(fn)(*args) if torch.compiler.is_compiling() else fn(*args)
+    return run
+
+
+@_eager_when_compiled
+def _padded(data, batch_sizes):
+    """A PackedSequence's data as (T, B, ·) and its lengths (B,), int64 on the CPU."""
+    return pad_packed_sequence(PackedSequence(data, batch_sizes))
+
+
+@_eager_when_compiled
+def _packed(output, lengths):
+    """The data of the PackedSequence of the padded (T, B, ·) output with these lengths."""
+    return pack_padded_sequence(output, lengths).data
 
 
 def make_rnn(model, input_size, hidden_size, dt=1.0, backend="auto"):

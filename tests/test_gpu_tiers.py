@@ -1,5 +1,6 @@
-"""The GPU tiers (lem/kernels/gpu.py) against the reference loop: outputs and every gradient, autocast,
-and the fall to the next tier when a kernel fails to launch.
+"""The GPU tiers (lem/kernels/gpu.py) against the reference loop: outputs and every gradient, per-row
+lengths and bias=False, autocast, torch.compile, what is kept for backward, and the fall to the
+next tier when a kernel fails to launch.
 
 Runs on CUDA tensors where a GPU is present. Without one, test_kernels.py runs this file in a fresh
 process under TRITON_INTERPRET=1 (Triton's interpreter on CPU tensors; it has no bfloat16 tl.dot, so
@@ -17,7 +18,9 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 import lem  # noqa: E402
 from lem import kernels  # noqa: E402
 from lem.kernels import gpu, onchip, stepwise  # noqa: E402
-from test_kernels import assert_close_relative, assert_matches  # noqa: E402
+from test_compile import assert_compiled_is_eager  # noqa: E402
+from test_kernels import assert_close_relative, assert_lengths_match, assert_matches  # noqa: E402
+from test_lstm_interface import assert_packed_is_each_sequence_alone  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
@@ -47,6 +50,51 @@ def test_tier_matches_reference(tier, case):
 
 def test_stepwise_at_h256():
     assert_matches("stepwise", 3, 4, 256, 2, with_state=True, state_dropout=0.3, device=DEVICE, tol=TOL)
+
+
+@pytest.mark.parametrize("tier", ["onchip", "stepwise"])
+def test_tier_without_bias(tier):
+    assert_matches(tier, 4, 17, 20, 2, with_state=True, state_dropout=0.3, device=DEVICE, tol=TOL, bias=False)
+
+
+@pytest.mark.parametrize("tier", ["onchip", "stepwise"])
+@pytest.mark.parametrize("bias, with_mask", [(True, True), (False, False)])
+def test_tier_per_row_lengths(tier, bias, with_mask):
+    """Rows in no order of length, in two blocks of 16 (one partial), the last step reached by one row."""
+    lengths = [3, 6, 1, 2, 5, 4, 6, 1, 2, 3, 5, 4, 2, 1, 3, 5, 4, 2, 3]
+    assert_lengths_match(tier, 6, len(lengths), 20, 3, lengths, bias, with_mask, device=DEVICE, tol=TOL)
+
+
+@pytest.mark.parametrize("tier", ["onchip", "stepwise"])
+def test_tier_packed_batch_is_each_sequence_alone(tier):
+    assert_packed_is_each_sequence_alone(tier, 2, True, True, enforce_sorted=False, bias=False, dtype=torch.float32,
+                                         device=DEVICE)
+
+
+@pytest.mark.parametrize("tier", ["onchip", "stepwise"])
+def test_tier_under_torch_compile(tier):
+    assert_compiled_is_eager(tier, DEVICE)
+
+
+def test_activations_are_kept_only_when_a_backward_can_follow(monkeypatch):
+    """As on the CPU path: grad mode on and some input requiring grad, not merely parameters that do."""
+    calls = []
+
+    def spy(tier, gemm, *args):
+        calls.append(args[-1])  # keep
+        return real(tier, gemm, *args)
+    real = gpu.forward
+    monkeypatch.setattr(gpu, "forward", spy)
+    layer = lem.LEM(2, 16, backend="triton").to(DEVICE)
+    x = torch.randn(5, 3, 2, device=DEVICE)
+    with torch.no_grad():
+        layer(x)
+    with torch.inference_mode():
+        layer(x)
+    layer.requires_grad_(False)
+    layer(x)
+    layer(x.requires_grad_())
+    assert calls == [False, False, False, True]
 
 
 def test_float64_runs_the_reference_loop():

@@ -24,10 +24,11 @@ def run(layer, x, state, seed=1):
 
 
 def assert_matches(backend, T, B, H, I, batch_first=False, with_state=False, state_dropout=0.0, dt=0.7,
-                   device="cpu", tol=1e-5):
+                   device="cpu", tol=1e-5, bias=True):
     torch.manual_seed(0)
-    ref = lem.LEM(I, H, dt=dt, batch_first=batch_first, state_dropout=state_dropout, backend="reference").to(device)
-    fused = lem.LEM(I, H, dt=dt, batch_first=batch_first, state_dropout=state_dropout, backend=backend).to(device)
+    args = dict(bias=bias, dt=dt, batch_first=batch_first, state_dropout=state_dropout)
+    ref = lem.LEM(I, H, **args, backend="reference").to(device)
+    fused = lem.LEM(I, H, **args, backend=backend).to(device)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn((B, T, I) if batch_first else (T, B, I), device=device, requires_grad=True)
     assert kernels.resolve(backend, x.device, H, x.dtype) == backend, "the fused path did not build"
@@ -44,6 +45,34 @@ def assert_close_relative(a, b, name, tol=1e-5):
     assert err <= tol, f"{name} differs from the reference by {err:.2e} (relative to its largest entry)"
 
 
+def assert_lengths_match(backend, T, B, H, I, lengths, bias=True, with_mask=False, device="cpu", tol=1e-5):
+    """One layer run by kernels.fused with per-row lengths (any order) against the reference loop:
+    ys, z_T and the gradients of x (zero past each row's length), y0, z0 and every parameter; and a
+    call no backward can follow gives the training call's outputs bit for bit."""
+    torch.manual_seed(0)
+    layer = lem.LEM(I, H, bias=bias, dt=0.7).to(device)
+    assert kernels.resolve(backend, torch.device(device), H) == backend, "the fused path did not build"
+    x = torch.randn(T, B, I, device=device, requires_grad=True)
+    y0, z0 = (torch.randn(B, H, device=device, requires_grad=True) for _ in range(2))
+    mask = torch.rand(B, H, device=device) * 2 if with_mask else None
+    lengths = torch.tensor(lengths, device=device)
+    linears = (layer.inp2hid, layer.hid2hid, layer.transform_z)
+    calls = {"fused": lambda: kernels.fused(backend, x, linears[0], y0, z0, *linears[1:], mask, layer.dt, lengths),
+             "reference": lambda: layer._reference_loop(linears[0](x), y0, z0, *linears[1:], mask, lengths)}
+    weights = torch.randn(T, B, H, generator=torch.Generator().manual_seed(2)).to(device)
+    results = {}
+    for name, call in calls.items():
+        ys, z = call()
+        loss = (ys * weights).sum() + (2 * z).sum()
+        results[name] = [ys, z, *torch.autograd.grad(loss, [x, y0, z0, *layer.parameters()])]
+    names = ["ys", "z_T", "x", "y0", "z0", *(n for n, _ in layer.named_parameters())]
+    for name, a, b in zip(names, results["fused"], results["reference"]):
+        assert_close_relative(a, b, f"{backend} with lengths: {name}", tol)
+    with torch.no_grad():
+        ys, z = calls["fused"]()
+    assert torch.equal(ys, results["fused"][0]) and torch.equal(z, results["fused"][1])
+
+
 @pytest.mark.parametrize("T, B, H, I, batch_first, with_state, state_dropout", [
     (50, 8, 16, 1, False, False, 0.0),   # per-row strategy, H fixed at compile time, full blocks of rows
     (30, 7, 17, 3, True, True, 0.3),     # H not a power of two, leftover rows, batch_first, y0/z0, mask
@@ -55,6 +84,21 @@ def assert_close_relative(a, b, name, tol=1e-5):
 ])
 def test_fused_cpu_matches_reference(T, B, H, I, batch_first, with_state, state_dropout):
     assert_matches("cpp", T, B, H, I, batch_first, with_state, state_dropout)
+
+
+@pytest.mark.parametrize("H", [16, 17, 70])  # per-row strategy with H fixed and at run time; per-step GEMMs
+def test_fused_cpu_without_bias(H):
+    assert_matches("cpp", 6, 5, H, 3, with_state=True, state_dropout=0.3, bias=False)
+
+
+@pytest.mark.parametrize("T, H, lengths, bias, with_mask", [
+    (9, 16, [9, 1, 4, 9, 2, 7, 3, 5, 8, 6, 2], True, True),  # per-row: a block of 8 (or 4) rows, leftover rows
+    (6, 20, [3, 5, 1, 2, 4], False, False),                  # H at run time; no row runs all T steps
+    (9, 70, [4, 9, 1, 9, 6, 2, 7], True, True),              # per-step GEMMs over the rows not yet ended
+    (6, 70, [2, 2, 5, 1], False, False),                     # ... and steps where every row has ended
+])
+def test_fused_cpu_per_row_lengths(T, H, lengths, bias, with_mask):
+    assert_lengths_match("cpp", T, len(lengths), H, 3, lengths, bias, with_mask)
 
 
 def test_fused_cpu_float64_and_eval_mode():
@@ -71,14 +115,14 @@ def test_fused_cpu_float64_and_eval_mode():
 
 class KernelSpy:
     """Stands in for the compiled extension: records, per forward call, whether it was asked to keep
-    activations and how many tensors it returned (3 when it kept them, ys and z_T only when not)."""
+    activations and whether it returned any (zs and acts are empty tensors when it kept none)."""
 
     def __init__(self, module):
         self.module, self.calls = module, []
 
     def forward(self, *args):
         out = self.module.forward(*args)
-        self.calls.append((args[-1], len(out)))
+        self.calls.append((args[-1], out[2].numel() > 0 and out[3].numel() > 0))
         return out
 
     def __getattr__(self, name):
@@ -103,7 +147,7 @@ def test_forward_only_is_the_training_forward_bit_for_bit(monkeypatch, T, B, H, 
     torch.manual_seed(1)
     with torch.no_grad():
         ys_inf, (y_inf, z_inf) = layer(x, state)
-    assert spy.calls == [(True, 3), (False, 2)]
+    assert spy.calls == [(True, True), (False, False)]
     for name, a, b in (("ys", ys, ys_inf), ("y_T", y, y_inf), ("z_T", z, z_inf)):
         assert torch.equal(a, b), f"{name} of the forward-only path differs from the training forward"
 
@@ -120,7 +164,7 @@ def test_activations_are_kept_only_when_a_backward_can_follow(monkeypatch):
     layer.requires_grad_(False)
     layer(x)  # grad mode on, nothing requires grad
     layer(x.requires_grad_())  # the input requires grad
-    assert spy.calls == [(False, 2), (False, 2), (False, 2), (True, 3)]
+    assert spy.calls == [(False, False), (False, False), (False, False), (True, True)]
 
 
 def test_fused_cpu_large_buffers_are_reused_safely():

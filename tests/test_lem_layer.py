@@ -144,6 +144,31 @@ def test_cell_bad_input():
         cell(torch.randn(4, 3), (torch.zeros(5), torch.zeros(5)))
 
 
+BAD_DTYPES = {  # (input, state) of a 3-input, 5-hidden LEM and LEMCell, batch 2
+    "integer input": (lambda: torch.ones(4, 2, 3, dtype=torch.long), None, TypeError, "floating-point input, got torch.int64"),
+    "bool input": (lambda: torch.ones(4, 2, 3, dtype=torch.bool), None, TypeError, "got torch.bool"),
+    "float64 state": (lambda: torch.randn(4, 2, 3), torch.float64, ValueError,
+                      r"y0 = state\[0\] with the input's dtype torch.float32 on its device cpu, got torch.float64 on cpu"),
+    "state on another device": (lambda: torch.randn(4, 2, 3), "meta", ValueError,
+                                r"input's dtype torch.float32 on its device cpu, got torch.float32 on meta"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DTYPES.values(), ids=BAD_DTYPES.keys())
+@pytest.mark.parametrize("module", ["LEM", "LEMCell"])
+def test_bad_dtype_or_device_says_what_was_expected(module, case):
+    make_input, state_kind, error, message = case
+    layer = getattr(lem, module)(3, 5)
+    x = make_input() if module == "LEM" else make_input()[0]
+    state = None
+    if state_kind is not None:
+        shape = (1, 2, 5) if module == "LEM" else (2, 5)
+        dtype, device = (state_kind, "cpu") if isinstance(state_kind, torch.dtype) else (torch.float32, state_kind)
+        state = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape))
+    with pytest.raises(error, match=message):
+        layer(x, state)
+
+
 def test_cell_unbatched_is_a_batch_of_one():
     torch.manual_seed(7)
     cell = lem.LEMCell(3, 5, dt=0.5)

@@ -168,30 +168,33 @@ def test_bad_inputs_and_states_raise_what_lstm_raises(call):
 def loss_of(out, y_n, z_n, lengths):
     """A weighted sum of every real output and both final states (weights fixed per sequence)."""
     g = torch.Generator().manual_seed(5)
+    weights = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
     total = 0
     for b, n in enumerate(lengths):
-        total = total + (out[b][:n] * torch.randn(out[b][:n].shape, generator=g, dtype=out[b].dtype)).sum()
+        total = total + (out[b][:n] * weights(out[b][:n])).sum()
     for s in (y_n, z_n):
-        total = total + (s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum()
+        total = total + (s * weights(s)).sum()
     return total
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("num_layers, bidirectional, batch_first", [(1, False, False), (2, True, True)])
-@pytest.mark.parametrize("enforce_sorted", [True, False])
-def test_packed_batch_is_each_sequence_alone(backend, num_layers, bidirectional, batch_first, enforce_sorted):
+def assert_packed_is_each_sequence_alone(backend, num_layers, bidirectional, batch_first, enforce_sorted, bias=True,
+                                         dtype=torch.double, device="cpu"):
+    """A PackedSequence of unequal lengths through `backend` gives, for each sequence, what running it
+    alone (unbatched, no lengths) gives: outputs, both final states, and the gradients of a loss of
+    all of them w.r.t. every sequence, the initial state and every parameter."""
     torch.manual_seed(0)
-    layer = lem.LEM(I, H, num_layers, batch_first=batch_first, bidirectional=bidirectional, dt=0.6,
-                    backend=backend).double()
+    layer = lem.LEM(I, H, num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional, dt=0.6,
+                    backend=backend).to(device, dtype)
     lengths = [7, 5, 5, 2] if enforce_sorted else [3, 7, 1, 5]
-    seqs = [torch.randn(n, I, dtype=torch.double, requires_grad=True) for n in lengths]
+    seqs = [torch.randn(n, I, dtype=dtype, device=device, requires_grad=True) for n in lengths]
     D = 2 if bidirectional else 1
-    y0, z0 = (torch.randn(D * num_layers, len(lengths), H, dtype=torch.double, requires_grad=True) for _ in range(2))
+    y0, z0 = (torch.randn(D * num_layers, len(lengths), H, dtype=dtype, device=device, requires_grad=True)
+              for _ in range(2))
     inputs = [*seqs, y0, z0, *layer.parameters()]
 
     packed = pack_sequence(seqs, enforce_sorted=enforce_sorted)
     out, (y_n, z_n) = layer(packed, (y0, z0))
-    lstm_out = nn.LSTM(I, H, num_layers, bidirectional=bidirectional).double()(packed)[0]
+    lstm_out = nn.LSTM(I, H, num_layers, bidirectional=bidirectional).to(device, dtype)(packed)[0]
     assert out.data.shape == lstm_out.data.shape and torch.equal(out.batch_sizes, lstm_out.batch_sizes)
     for a, b in ((out.sorted_indices, lstm_out.sorted_indices), (out.unsorted_indices, lstm_out.unsorted_indices)):
         assert (a is None and b is None) or torch.equal(a, b)
@@ -207,6 +210,13 @@ def test_packed_batch_is_each_sequence_alone(backend, num_layers, bidirectional,
                          torch.stack([z for _, (_, z) in alone], 1), lengths)
     for g, r in zip(grads, torch.autograd.grad(alone_loss, inputs)):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("num_layers, bidirectional, batch_first, bias", [(1, False, False, True), (2, True, True, False)])
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_batch_is_each_sequence_alone(backend, num_layers, bidirectional, batch_first, bias, enforce_sorted):
+    assert_packed_is_each_sequence_alone(backend, num_layers, bidirectional, batch_first, enforce_sorted, bias)
 
 
 def test_fused_stack_matches_reference_stack():

@@ -61,6 +61,14 @@ def resolve(name, device, hidden_size=1, dtype=torch.float32, gpu=None):
     return found[0] if found else "reference"
 
 
+# torch.compile runs resolve() once while tracing and puts its answer into the graph as a constant
+# (the device, size and dtype it depends on are guarded by the graph anyway; a tier that fails later
+# is left by the GPU operator itself, inside the graph), instead of tracing the build, the GPU query
+# and the tier tables. This is what torch.compiler.assume_constant_result(resolve) does, without
+# importing torch._dynamo with lem (~2 s); tests/test_compile.py checks that it still is.
+resolve._dynamo_marked_constant = True
+
+
 def _usable(name):
     if name not in _broken:
         try:
@@ -78,11 +86,19 @@ def _usable(name):
     return _broken[name] is None
 
 
-def fused(name, x, inp2hid, y0, z0, hid2hid, transform_z, mask, dt):
-    """ys (T, B, H), z_T of the fused backend `name` (as resolved) for x (T, B, I); None when the GPU
-    tier and every tier below it failed to launch: then the caller runs the reference loop."""
+def backward_can_follow(*tensors):
+    """Whether autograd will record a call on these tensors (grad mode on and one of them requires
+    grad): only then do the fused paths keep activations for a backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def fused(name, x, inp2hid, y0, z0, hid2hid, transform_z, mask, dt, lengths=None):
+    """ys (T, B, H), z_T of the fused backend `name` (as resolved) for x (T, B, I); lengths None or
+    (B,) int64 on x's device (see LEM._reference_loop); linears without bias are taken as zero bias.
+    None when the GPU tier and every tier below it failed to launch: then the caller runs the
+    reference loop."""
     args = (x, inp2hid.weight, inp2hid.bias, y0, z0, hid2hid.weight, hid2hid.bias, transform_z.weight,
-            transform_z.bias, mask, dt)
+            transform_z.bias, mask, lengths, dt)
     if name == "cpp":
         from .cpu import lem_cpu
         return lem_cpu(*args)

@@ -1,11 +1,20 @@
 """The fused CPU path: lem_cpu.cpp compiled on first use with torch.utils.cpp_extension (ninja + g++,
-no step for the user to run) into torch's extension cache, then reused by every later process."""
+no step for the user to run) into torch's extension cache, then reused by every later process.
+
+Its forward and backward are the torch.library operators lem::cpu_forward and lem::cpu_backward
+(with fake implementations and autograd), so that torch.compile puts a call into its graph as
+one node instead of breaking the graph there.
+"""
 import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch import Tensor
+
+from . import backward_can_follow
 
 SOURCE = Path(__file__).with_name("lem_cpu.cpp")
 BUILD_DIR = None  # None: torch's cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)
@@ -44,41 +53,65 @@ def _simd_flags():
     return ["-mavx2", "-mfma"]
 
 
-class FusedLEMCPU(torch.autograd.Function):
-    """(x, W_in, b_in, y0, z0, W_hh, b_hh, W_tz, b_tz, mask) -> (ys, z_T): the whole layer, input
-    projection included. Forward keeps y_n, z_n and the four gate/candidate activations of every step
-    for the backward (see lem_cpu.cpp); the input projection itself is not kept."""
-
-    @staticmethod
-    def forward(ctx, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-        ys, zs, acts = load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, True)
-        ctx.dt = dt
-        ctx.save_for_backward(x, w_in, y0, z0, w_hh, w_tz, mask, ys, zs, acts)
-        return ys, zs[-1]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_ys, grad_zT):
-        x, w_in, y0, z0, w_hh, w_tz, mask, ys, zs, acts = ctx.saved_tensors
-        grads = load().backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, ctx.dt,
-                                ctx.needs_input_grad[0])
-        return (*grads, None, None)
+@torch.library.custom_op("lem::cpu_forward", mutates_args=(), device_types="cpu")
+def cpu_forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], y0: Tensor, z0: Tensor, w_hh: Tensor,
+                b_hh: Optional[Tensor], w_tz: Tensor, b_tz: Optional[Tensor], mask: Optional[Tensor],
+                lengths: Optional[Tensor], dt: float, keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The whole layer, input projection included: ys (T, B, H), z_T (B, H), and for a backward
+    (keep) zs (T, B, H) and the four gate/candidate activations of every step acts (T, B, 4H); without
+    keep two empty tensors instead, and nothing of size T·B other than ys is written."""
+    return tuple(load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep))
 
 
-def forward_only(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-    """(ys, z_T) without anything kept for a backward: no per-step z_n or activations are written.
-    The same bits as FusedLEMCPU's forward."""
-    ys, z_T = load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, False)
-    return ys, z_T[0]
+@cpu_forward.register_fake
+def _(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep):
+    T, B, H = x.size(0), x.size(1), y0.size(1)
+    if not keep:
+        return y0.new_empty(T, B, H), y0.new_empty(B, H), y0.new_empty(0), y0.new_empty(0)
+    return y0.new_empty(T, B, H), y0.new_empty(B, H), y0.new_empty(T, B, H), y0.new_empty(T, B, 4 * H)
 
 
-def lem_cpu(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-    """The layer; keeps activations only when a backward can follow (grad mode on and some input
-    requires grad), else runs forward_only."""
-    inputs = (x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return FusedLEMCPU.apply(*inputs, dt)
-    return forward_only(*inputs, dt)
+@torch.library.custom_op("lem::cpu_backward", mutates_args=(), device_types="cpu")
+def cpu_backward(grad_ys: Optional[Tensor], grad_zT: Optional[Tensor], acts: Tensor, ys: Tensor, zs: Tensor,
+                 x: Tensor, w_in: Tensor, y0: Tensor, z0: Tensor, w_hh: Tensor, w_tz: Tensor, mask: Optional[Tensor],
+                 lengths: Optional[Tensor], dt: float, needs_dx: bool) -> list[Tensor]:
+    """dL/d(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz) from what cpu_forward kept (d x empty
+    unless needs_dx); grad_ys, grad_zT None where no gradient reached them."""
+    return list(load().backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, dt, needs_dx))
+
+
+@cpu_backward.register_fake
+def _(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, dt, needs_dx):
+    H, new = y0.size(1), y0.new_empty
+    return [new(x.shape if needs_dx else (0,)), new(w_in.shape), new(4 * H), new(y0.shape), new(z0.shape),
+            new(w_hh.shape), new(3 * H), new(w_tz.shape), new(H)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep = inputs
+    ys, z_T, zs, acts = output
+    ctx.dt = dt
+    ctx.save_for_backward(x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ys, zs, acts)
+    ctx.mark_non_differentiable(zs, acts)
+    ctx.set_materialize_grads(False)  # no zero-filled (T, B, ·) gradients for outputs the loss does not reach
+
+
+def _backward(ctx, grad_ys, grad_zT, _grad_zs, _grad_acts):
+    x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ys, zs, acts = ctx.saved_tensors
+    grads = cpu_backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt,
+                         ctx.needs_input_grad[0])
+    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None, None)
+
+
+cpu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lem_cpu(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt):
+    """(ys, z_T) of the layer (biases may be None, lengths None or (B,) int64). Keeps the
+    activations only when a backward can follow (grad mode on and some input requires grad)."""
+    keep = backward_can_follow(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask)
+    ys, z_T, _, _ = cpu_forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
+    return ys, z_T
 
 
 def empty_cache():

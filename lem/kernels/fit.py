@@ -6,7 +6,8 @@
 For each architecture, hidden size and GEMM dtype: ask the dispatcher which tier it would pick on
 that GPU (its compute capability and shared memory per block), run that tier's forward and backward
 on meta tensors to record every kernel launch (each variant: with and without the state-dropout
-mask, with and without a backward to feed), compile each recorded kernel with Triton's compiler for
+mask, with and without per-row lengths, with and without a backward to feed), compile each recorded
+kernel with Triton's compiler for
 that architecture, and read its resources from the cubin (cuobjdump, shipped in Triton's wheel).
 A kernel fits when its shared memory (Triton's dynamic allocation plus the cubin's static one) is
 within the architecture's per-block limit and its spill stack within 1 KiB. The stepwise tier, the
@@ -42,20 +43,22 @@ _compiled = {}  # compile key -> (shared, registers, stack): each kernel is comp
 
 def launches(tier, H, dtype, every_variant=True):
     """Every distinct kernel launch of `tier` at hidden size H, inputs of `dtype`, as recorded; with
-    every_variant False only those of a training step with the state-dropout mask (the variants
-    that hold the most: the test suite's cheaper check)."""
+    every_variant False only those of a training step with the state-dropout mask and per-row
+    lengths (the variants that hold the most: the test suite's cheaper check)."""
     meta = torch.device("meta")
     T, B, I = 3, BATCH, 2
     t = lambda *shape: torch.empty(*shape, device=meta)
     w = dict(w_in=t(4 * H, I), b_in=t(4 * H), w_hh=t(3 * H, H), b_hh=t(3 * H), w_tz=t(H, H), b_tz=t(H))
     found = {}
+    lengths = torch.empty(B, dtype=torch.int64, device=meta)
     with launch.recording() as recorded:
         for mask in (None, t(B, H)) if every_variant else (t(B, H),):
-            for keep in (False, True) if every_variant else (True,):  # backward takes the acts of keep=True
-                ys, zs, acts = gpu.forward(tier, dtype, t(T, B, I), w["w_in"], w["b_in"], t(B, H), t(B, H), w["w_hh"],
-                                           w["b_hh"], w["w_tz"], w["b_tz"], mask, 0.5, keep)
-            gpu.backward(tier, dtype, None, t(B, H), acts, ys, zs, t(T, B, I), w["w_in"], w["w_hh"], w["w_tz"], mask,
-                         0.5, True)
+            for lens in (None, lengths) if every_variant else (lengths,):
+                for keep in (False, True) if every_variant else (True,):  # backward takes the acts of keep=True
+                    ys, zs, acts = gpu.forward(tier, dtype, t(T, B, I), w["w_in"], w["b_in"], t(B, H), t(B, H),
+                                               w["w_hh"], w["b_hh"], w["w_tz"], w["b_tz"], mask, lens, 0.5, keep)
+                gpu.backward(tier, dtype, None, t(B, H), acts, ys, zs, t(T, B, I), w["w_in"], w["w_hh"], w["w_tz"],
+                             mask, lens, 0.5, True)
     for kernel, args, constexprs, num_warps, num_stages in recorded:
         signature, constants, attrs = _signature(kernel, args, constexprs)
         key = (kernel.__name__, tuple(signature.items()), tuple(constants.items()), str(attrs), num_warps, num_stages)
@@ -70,10 +73,11 @@ def _signature(kernel, args, constexprs):
     signature, constants, attrs = {}, dict(constexprs), {}
     for i, (param, arg) in enumerate(zip(kernel.params, args)):
         name = param.name
-        if arg is None:  # an unused pointer (HAS_MASK or KEEP off)
+        if arg is None:  # an unused pointer (HAS_MASK, HAS_LEN or KEEP off)
             signature[name], constants[name] = "constexpr", None
         elif isinstance(arg, torch.Tensor):
-            signature[name] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[arg.dtype]
+            signature[name] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                                     torch.int64: "i64"}[arg.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(arg, float):
             signature[name] = "fp32"
@@ -162,8 +166,8 @@ def main(argv=None):
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     args = p.parse_args(argv)
     found = rows(args.archs, args.hidden, args.dtypes)
-    print(f"Triton {triton.__version__}, torch {torch.__version__}; batch {BATCH}; "
-          f"each kernel variant (state-dropout mask or not, backward to feed or not) compiled once")
+    print(f"Triton {triton.__version__}, torch {torch.__version__}; batch {BATCH}; each kernel variant "
+          f"(state-dropout mask or not, per-row lengths or not, backward to feed or not) compiled once")
     print(table(found))
     bad = [r for r in found if not fits(r)]
     if bad:

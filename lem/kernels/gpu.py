@@ -15,7 +15,12 @@ Both tiers take the same buffers, so either backward can follow either forward:
     acts   (T, B, 4H)   float32 σ(gate y), σ(gate z), tanh(cand z), tanh(cand y) of every step: what
                         the derivatives need (as the CPU path keeps), so backward computes no exp/tanh
                         and repeats no product of the forward
-After backward's loop, the weight gradients are single GEMMs over all T·B rows.
+After backward's loop, the weight gradients are single GEMMs over all T·B rows. Per-row lengths and
+missing biases (bias=False: a zero bias vector) are taken by both tiers.
+
+The forward and backward are the torch.library operators lem::gpu_forward and lem::gpu_backward
+(fake implementations and autograd registered), so that torch.compile puts a call into its graph as
+one node. The fall to the next tier happens inside them, so it works in a compiled graph too.
 
 Precision: the products take their inputs in the GEMM dtype, float32 or, under torch.autocast, the
 autocast dtype (bfloat16/float16, with float32 accumulation); state, gates and their derivatives are
@@ -23,10 +28,12 @@ float32. The outputs are in the GEMM dtype, as nn.LSTM's are under autocast.
 """
 import warnings
 from collections import namedtuple
+from typing import Optional
 
 import torch
+from torch import Tensor
 
-from . import gemm_dtype, onchip, stepwise
+from . import backward_can_follow, gemm_dtype, onchip, stepwise
 
 TIERS = {"onchip": onchip, "stepwise": stepwise}  # fastest first
 GPU = namedtuple("GPU", "capability shared_memory")  # e.g. (86, 101376): sm_86, bytes per block (opt-in)
@@ -58,22 +65,31 @@ def tiers(name, device, H, dtype, gpu=None):
     if name == "onchip" and not fits:
         raise ValueError(f"backend 'onchip' needs {onchip.shared_memory(H, gemm):,} B of shared memory per block at "
                          f"H = {H} in {gemm}, this GPU has {gpu.shared_memory:,} B; use 'triton' or 'stepwise'")
-    names = ["stepwise"] if name == "stepwise" or not fits else ["onchip", "stepwise"]
+    return _usable_from("stepwise" if name == "stepwise" or not fits else "onchip", gpu, H, gemm)
+
+
+def _usable_from(tier, gpu, H, gemm):
+    """`tier` and the tiers below it, less those that failed at this size and dtype on this GPU."""
+    names = list(TIERS)[list(TIERS).index(tier):]
     return [t for t in names if (t, gpu.capability, H, gemm) not in _failed]
 
 
-def run(name, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-    """ys, z_T of tier `name` or, if its kernels fail to compile or launch, of the next tier down
-    (one warning each); None when all failed (the caller runs the reference loop)."""
-    gpu, gemm = gpu_of(x.device), gemm_dtype(x.device, x.dtype)
-    for tier in tiers(name, x.device, y0.size(1), x.dtype, gpu):
-        try:
-            return FusedLEMGPU.apply(tier, gemm, gpu, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt)
-        except torch.OutOfMemoryError:
-            raise  # not the tier's fault: the next one needs no less memory
-        except Exception as error:  # Triton's OutOfResources, a compiler or driver error
-            _fail(tier, gpu, y0.size(1), gemm, error)
-    return None
+class NoTierLaunched(RuntimeError):
+    """Every GPU tier failed to compile or launch a call (each warned): eager calls then run the
+    reference loop."""
+
+
+def run(tier, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt):
+    """ys, z_T of tier `tier` or, if its kernels fail to compile or launch, of the next tier down
+    (one warning each); None when all failed (the caller runs the reference loop). Keeps the
+    activations only when a backward can follow (grad mode on and some input requires grad)."""
+    gemm = gemm_dtype(x.device, x.dtype)
+    keep = backward_can_follow(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask)
+    try:
+        ys, zs, _ = gpu_forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
+    except NoTierLaunched:
+        return None
+    return ys[1:].to(gemm), zs[-1].to(gemm)
 
 
 def _fail(tier, gpu, H, gemm, error):
@@ -83,29 +99,49 @@ def _fail(tier, gpu, H, gemm, error):
                   RuntimeWarning, stacklevel=4)
 
 
+def _first_that_launches(tier, gemm, device, H, fn):
+    """fn(t) of the first tier t from `tier` down whose kernels compile and launch (see _fail)."""
+    gpu = gpu_of(device)
+    with torch.autocast(device.type, enabled=False):
+        for t in _usable_from(tier, gpu, H, gemm):
+            try:
+                return fn(t)
+            except torch.OutOfMemoryError:
+                raise  # not the tier's fault: the next one needs no less memory
+            except Exception as error:  # Triton's OutOfResources, a compiler or driver error
+                _fail(t, gpu, H, gemm, error)
+    raise NoTierLaunched(f"no LEM GPU tier from {tier!r} down launched at H = {H} in {gemm} on sm_{gpu.capability}")
+
+
 def _swap_candidates(t):
     """[gate y, gate z, cand y, cand z] blocks along dim 0 <-> [gate y, gate z, cand z, cand y]."""
     g_y, g_z, c_1, c_2 = t.chunk(4)
     return torch.cat([g_y, g_z, c_2, c_1])
 
 
-def forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep):
+def _bias(b_in, b_hh, b_tz, H, like):
+    """All biases summed in the tiers' order, float32 (4H); zeros for a layer without biases."""
+    if b_in is None:
+        return like.new_zeros(4 * H, dtype=torch.float32)
+    return (_swap_candidates(b_in) + torch.cat([b_hh, b_tz])).float()
+
+
+def forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep):
     """ys, zs (T + 1, B, H) and acts of the layer (module docstring); without keep, zs is (1, B, H)
-    holding z_T and acts is None. A plain function of tensors: the autograd wrapper is FusedLEMGPU."""
+    holding z_T and acts is None. A plain function of tensors, one tier: gpu_forward wraps it."""
     T, B, I = x.shape
     H = y0.size(1)
     u = torch.mm(x.reshape(T * B, I).to(gemm), _swap_candidates(w_in).to(gemm).t()).view(T, B, 4 * H)
-    bias = (_swap_candidates(b_in) + torch.cat([b_hh, b_tz])).float()
     ys = y0.new_empty(T + 1, B, H, dtype=torch.float32)
     zs = y0.new_empty(T + 1 if keep else 1, B, H, dtype=torch.float32)
     ys[0], zs[0] = y0, z0
     acts = ys.new_empty(T, B, 4 * H) if keep else None
-    TIERS[tier].forward(u, bias, w_hh.to(gemm).contiguous(), w_tz.to(gemm).contiguous(), _float(mask), ys, zs, acts,
-                        float(dt))
+    TIERS[tier].forward(u, _bias(b_in, b_hh, b_tz, H, ys), w_hh.to(gemm).contiguous(), w_tz.to(gemm).contiguous(),
+                        _float(mask), _lengths(lengths), ys, zs, acts, float(dt))
     return ys, zs, acts
 
 
-def backward(tier, gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, mask, dt, needs_dx):
+def backward(tier, gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, mask, lengths, dt, needs_dx):
     """dL/d(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz) (float32 or the GEMM dtype; d x None unless
     needs_dx) from what forward kept. grad_ys and grad_zT may be None (no gradient reached them)."""
     T, B, H = acts.size(0), acts.size(1), ys.size(2)
@@ -115,7 +151,7 @@ def backward(tier, gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, ma
     du = ys.new_empty(T, B, 4 * H, dtype=gemm)
     mask = _float(mask)
     TIERS[tier].backward(grad_ys, acts, ys, zs, w_hh.to(gemm).contiguous(), w_tz.to(gemm).contiguous(), mask,
-                         du, gy, gz, float(dt))
+                         _lengths(lengths), du, gy, gz, float(dt))
     # weight gradients: one GEMM each over all T·B rows
     du2, x2 = du.view(T * B, 4 * H), x.reshape(T * B, -1).to(gemm)
     ym = (ys[:-1] if mask is None else ys[:-1] * mask).to(gemm).view(T * B, H)  # y_{n-1} ⊙ mask
@@ -124,39 +160,74 @@ def backward(tier, gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, ma
     d_win = _swap_candidates(du2.t() @ x2)
     d_x = (du2 @ _swap_candidates(w_in).to(gemm)).view(x.shape) if needs_dx else None
     d_b = du2.sum(0, dtype=torch.float32)  # every bias gets the column sums of d u
-    return d_x, d_win, _swap_candidates(d_b), gy, gz, d_whh, d_b[:3 * H], d_wtz, d_b[3 * H:]
+    return d_x, d_win, _swap_candidates(d_b), gy, gz, d_whh, d_b[:3 * H].clone(), d_wtz, d_b[3 * H:].clone()
 
 
 def _float(mask):
     return None if mask is None else mask.float().contiguous()
 
 
-class FusedLEMGPU(torch.autograd.Function):
-    """apply(tier, gemm, gpu, x, W_in, b_in, y0, z0, W_hh, b_hh, W_tz, b_tz, mask, dt) -> (ys, z_T):
-    the layer run by one GPU tier with its products in the dtype `gemm`; `gpu` (a GPU) names the
-    device in a failure's warning. After the first three, the arguments of cpu.FusedLEMCPU."""
+def _lengths(lengths):
+    return None if lengths is None else lengths.contiguous()
 
-    @staticmethod
-    def forward(ctx, tier, gemm, gpu, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt):
-        keep = any(ctx.needs_input_grad)
-        with torch.autocast(x.device.type, enabled=False):
-            ys, zs, acts = forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, dt, keep)
-        ctx.tier, ctx.gemm, ctx.gpu, ctx.dt = tier, gemm, gpu, dt
-        ctx.dtypes = [t.dtype for t in (x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz)]  # of the gradients
-        ctx.save_for_backward(x, w_in, w_hh, w_tz, mask, ys, zs, acts)
-        return ys[1:].to(gemm), zs[-1].to(gemm)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_ys, grad_zT):
-        x, w_in, w_hh, w_tz, mask, ys, zs, acts = ctx.saved_tensors
-        args = (ctx.gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, mask, ctx.dt, ctx.needs_input_grad[3])
-        with torch.autocast(x.device.type, enabled=False):
-            try:
-                grads = backward(ctx.tier, *args)
-            except Exception as error:  # the tiers keep the same tensors: the stepwise backward can take over
-                if ctx.tier == "stepwise" or isinstance(error, torch.OutOfMemoryError):
-                    raise
-                _fail(ctx.tier, ctx.gpu, ys.size(2), ctx.gemm, error)
-                grads = backward("stepwise", *args)
-        return (None, None, None, *(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)), None, None)
+@torch.library.custom_op("lem::gpu_forward", mutates_args=())
+def gpu_forward(tier: str, gemm: torch.dtype, x: Tensor, w_in: Tensor, b_in: Optional[Tensor], y0: Tensor, z0: Tensor,
+                w_hh: Tensor, b_hh: Optional[Tensor], w_tz: Tensor, b_tz: Optional[Tensor], mask: Optional[Tensor],
+                lengths: Optional[Tensor], dt: float, keep: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """forward()'s ys, zs and acts (an empty tensor without keep) of `tier` or, where its kernels fail
+    to compile or launch, of the next tier down; NoTierLaunched when none did."""
+    def run_tier(t):
+        ys, zs, acts = forward(t, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
+        return ys, zs, ys.new_empty(0) if acts is None else acts
+    return _first_that_launches(tier, gemm, x.device, y0.size(1), run_tier)
+
+
+@gpu_forward.register_fake
+def _(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep):
+    T, B, H = x.size(0), x.size(1), y0.size(1)
+    new = lambda *shape: y0.new_empty(shape, dtype=torch.float32)
+    return new(T + 1, B, H), new(T + 1 if keep else 1, B, H), new(T, B, 4 * H) if keep else new(0)
+
+
+@torch.library.custom_op("lem::gpu_backward", mutates_args=())
+def gpu_backward(tier: str, gemm: torch.dtype, grad_ys: Optional[Tensor], grad_zT: Optional[Tensor], acts: Tensor,
+                 ys: Tensor, zs: Tensor, x: Tensor, w_in: Tensor, w_hh: Tensor, w_tz: Tensor, mask: Optional[Tensor],
+                 lengths: Optional[Tensor], dt: float, needs_dx: bool) -> list[Tensor]:
+    """backward() of `tier` or the next tier down that launches (the tiers keep the same tensors, so
+    any backward can follow any forward); d x an empty tensor unless needs_dx."""
+    def run_tier(t):
+        grads = backward(t, gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, mask, lengths, dt, needs_dx)
+        return [x.new_empty(0) if g is None else g for g in grads]
+    return _first_that_launches(tier, gemm, x.device, ys.size(2), run_tier)
+
+
+@gpu_backward.register_fake
+def _(tier, gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, mask, lengths, dt, needs_dx):
+    H = ys.size(2)
+    g = lambda shape: x.new_empty(shape, dtype=gemm)
+    f = lambda shape: x.new_empty(shape, dtype=torch.float32)
+    return [x.new_empty(0) if not needs_dx else g(x.shape), g(w_in.shape), f(4 * H), f((x.size(1), H)),
+            f((x.size(1), H)), g(w_hh.shape), f(3 * H), g(w_tz.shape), f(H)]
+
+
+def _setup_context(ctx, inputs, output):
+    tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep = inputs
+    ys, zs, acts = output
+    ctx.tier, ctx.gemm, ctx.dt = tier, gemm, dt
+    ctx.dtypes = [None if t is None else t.dtype for t in (x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz)]  # of the gradients
+    ctx.save_for_backward(x, w_in, w_hh, w_tz, mask, lengths, ys, zs, acts)
+    ctx.mark_non_differentiable(acts)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_ys, grad_zs, _grad_acts):
+    x, w_in, w_hh, w_tz, mask, lengths, ys, zs, acts = ctx.saved_tensors
+    grads = gpu_backward(ctx.tier, ctx.gemm, None if grad_ys is None else grad_ys[1:],
+                         None if grad_zs is None else grad_zs[-1], acts, ys, zs, x, w_in, w_hh, w_tz, mask, lengths,
+                         ctx.dt, ctx.needs_input_grad[2])
+    grads = [g.to(d) if needed else None for g, d, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[2:])]
+    return (None, None, *grads, None, None, None, None)
+
+
+gpu_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -15,6 +15,12 @@
 //
 // Layouts (chunks of H): inp2hid (4H) and the saved activations = [gate y, gate z, cand y, cand z];
 // hid2hid (3H) = [gate y, gate z, cand z]; transform_z (H) = cand y.
+//
+// Per-row lengths (a PackedSequence, lem/model.py): row b runs lengths[b] steps; after them its y and
+// z stay as they are (the outputs repeat y), its activations are not computed, and in backward
+// its rows of d u_proj are zero (so the weight gradients get nothing from those steps) while
+// dL/dy_n flows unchanged into the frozen state. Every loop takes this as a template flag LEN,
+// so without lengths the code (and every bit it computes) is what it was without them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -352,6 +358,7 @@ struct Sizes { int64_t T, B, H; };
 // to scratch, and z_T ends in z_tmp (2, B, H) (see lem_forward).
 template <typename T> struct Forward {
   const T *x, *y0, *z0, *bias, *mask;
+  const int64_t* len;  // per-row lengths, or null
   int64_t I;
   T dt;
   T *ys, *zs, *acts, *z_tmp;
@@ -372,7 +379,7 @@ template <typename F> inline void with_fixed_h(int64_t H, const F& f) {
 // win_t (I, 4H), whh_t (H, 3H) and wtz_t (H, H) are the transposed weights. Each step's input
 // projection is computed here for the R rows (in k order, so it has the bits of one big GEMM), so
 // nothing of size T·B·4H is written or read.
-template <typename T, int HC>
+template <typename T, int HC, bool LEN>
 void forward_rows(Sizes s, const Forward<T>& f, const T* win_t, const T* whh_t, const T* wtz_t) {
   const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H, I = f.I;
   // rows b0..b0+R-1 over all T steps; the R rows of one step are contiguous in every (T, B, ·) buffer
@@ -383,7 +390,12 @@ void forward_rows(Sizes s, const Forward<T>& f, const T* win_t, const T* whh_t, 
     const T* mb = f.mask ? f.mask + b0 * H : nullptr;
     const T* yp = f.y0 + b0 * H;
     const T* zp = f.z0 + b0 * H;
-    for (int64_t n = 0; n < Tn; ++n) {
+    const int64_t* len = LEN ? f.len + b0 : nullptr;
+    // with lengths, every row of the block runs up to step n_all, some up to n_end, none after
+    const int64_t n_all = LEN ? *std::min_element(len, len + R) : Tn;
+    const int64_t n_end = LEN ? *std::max_element(len, len + R) : Tn;
+    auto step = [&](int64_t n, auto some_ended) {
+      constexpr bool ENDED = decltype(some_ended)::value;  // check each row's length at this step
       const int64_t row = n * B + b0;
       T* y = f.ys + row * H;
       T* z = f.zs ? f.zs + row * H : z_own[n & 1];
@@ -391,12 +403,29 @@ void forward_rows(Sizes s, const Forward<T>& f, const T* win_t, const T* whh_t, 
       rows_vecmat<R, true>(f.x + row * I, win_t, u, I, 4 * H);
       if (mb) times_mask(yp, mb, ym, R * H);
       rows_vecmat<R>(mb ? ym : yp, whh_t, h, H, 3 * H);
-      for (int r = 0; r < R; ++r) fwd_z(u + r * 4 * H, h + r * 3 * H, f.bias, zp + r * H, z + r * H, a + r * 4 * H, H, f.dt);
+      for (int r = 0; r < R; ++r) {
+        if (ENDED && n >= len[r]) std::memcpy(z + r * H, zp + r * H, H * sizeof(T));  // frozen: z_n = z_{n-1}
+        else fwd_z(u + r * 4 * H, h + r * 3 * H, f.bias, zp + r * H, z + r * H, a + r * 4 * H, H, f.dt);
+      }
       rows_vecmat<R>(z, wtz_t, q, H, H);
-      for (int r = 0; r < R; ++r)
-        fwd_y(u + r * 4 * H, h + r * 3 * H, f.bias, q + r * H, yp + r * H, y + r * H, a + r * 4 * H, H, f.dt);
+      for (int r = 0; r < R; ++r) {
+        if (ENDED && n >= len[r]) std::memcpy(y + r * H, yp + r * H, H * sizeof(T));
+        else fwd_y(u + r * 4 * H, h + r * 3 * H, f.bias, q + r * H, yp + r * H, y + r * H, a + r * 4 * H, H, f.dt);
+      }
       yp = y;
       zp = z;
+    };
+    int64_t n = 0;
+    for (; n < n_all; ++n) step(n, std::false_type{});
+    for (; n < n_end; ++n) step(n, std::true_type{});
+    for (; n < Tn; ++n) {  // (LEN only) every row of the block has ended: y and z repeat
+      const int64_t row = n * B + b0;
+      std::memcpy(f.ys + row * H, yp, R * H * sizeof(T));
+      yp = f.ys + row * H;
+      if (f.zs) {
+        std::memcpy(f.zs + row * H, zp, R * H * sizeof(T));
+        zp = f.zs + row * H;
+      }
     }
     if (!f.zs) std::memcpy(f.z_tmp + b0 * H, zp, R * H * sizeof(T));  // z_T of these rows
   };
@@ -421,7 +450,20 @@ void forward_rows(Sizes s, const Forward<T>& f, const T* win_t, const T* whh_t, 
 // (checked on the experiments' shapes); with very few rows it may pick kernels that sum in another order.
 constexpr int64_t kProjectionBytes = int64_t(1) << 20, kProjectionRows = 256;
 
-template <typename T>
+// With lengths, live[n] is 1 + the last row still running at step n: the rows after it have all
+// ended, so the step's GEMMs take only the first live[n] rows (all of a PackedSequence's running
+// rows, which come longest first).
+std::vector<int64_t> live_rows(const int64_t* len, int64_t T, int64_t B) {
+  std::vector<int64_t> live(T, 0);
+  for (int64_t b = 0; b < B; ++b) live[len[b] - 1] = std::max(live[len[b] - 1], b + 1);
+  for (int64_t n = T - 1; n > 0; --n) live[n - 1] = std::max(live[n - 1], live[n]);
+  return live;
+}
+
+// The first n rows of a (B, ·) scratch tensor (the tensor itself when n is all of them)
+at::Tensor first_rows(const at::Tensor& t, int64_t n) { return n == t.size(0) ? t : t.narrow(0, 0, n); }
+
+template <typename T, bool LEN>
 void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at::Tensor& w_hh, const at::Tensor& w_tz,
                   const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H, I = f.I;
@@ -440,6 +482,7 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at
   const T* yp = f.y0;
   const T* zp = f.z0;
   const T* u_steps = nullptr;  // the projection of step n is u_steps + n * B * 4H
+  const std::vector<int64_t> live = LEN ? live_rows(f.len, Tn, B) : std::vector<int64_t>();
   if (f.mask) times_mask(yp, f.mask, ymp, B * H);
   for (int64_t n = 0; n < Tn; ++n) {
     if (n % steps == 0 && n <= last_block) {
@@ -451,14 +494,20 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at
     const T* u = u_steps + n * B * 4 * H;
     T* y = f.ys + n * B * H;
     T* z = f.zs ? f.zs + n * B * H : f.z_tmp + (n & 1) * B * H;
-    at::mm_out(h, at::from_blob(const_cast<T*>(f.mask ? ymp : yp), {B, H}, opt), w_hh_t);
-    for_rows(B, H, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) fwd_z(u + b * 4 * H, hp + b * 3 * H, f.bias, zp + b * H, z + b * H, acts_of(n, b), H, f.dt);
-    });
-    at::mm_out(q, at::from_blob(z, {B, H}, opt), w_tz_t);
+    const int64_t Bn = LEN ? live[n] : B;  // the rows from Bn on have ended
+    at::Tensor h_rows = first_rows(h, Bn), q_rows = first_rows(q, Bn);
+    if (Bn) at::mm_out(h_rows, at::from_blob(const_cast<T*>(f.mask ? ymp : yp), {Bn, H}, opt), w_hh_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        fwd_y(u + b * 4 * H, hp + b * 3 * H, f.bias, qp + b * H, yp + b * H, y + b * H, acts_of(n, b), H, f.dt);
+        if (LEN && n >= f.len[b]) std::memcpy(z + b * H, zp + b * H, H * sizeof(T));  // frozen: z_n = z_{n-1}
+        else fwd_z(u + b * 4 * H, hp + b * 3 * H, f.bias, zp + b * H, z + b * H, acts_of(n, b), H, f.dt);
+      }
+    });
+    if (Bn) at::mm_out(q_rows, at::from_blob(z, {Bn, H}, opt), w_tz_t);
+    for_rows(B, H, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        if (LEN && n >= f.len[b]) std::memcpy(y + b * H, yp + b * H, H * sizeof(T));
+        else fwd_y(u + b * 4 * H, hp + b * 3 * H, f.bias, qp + b * H, yp + b * H, y + b * H, acts_of(n, b), H, f.dt);
         if (f.mask) times_mask(y + b * H, f.mask + b * H, ymp + b * H, H);  // the next step's GEMM input
       }
     });
@@ -472,6 +521,7 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at
 // they are in cache (the bias gradients are the column sums of dU).
 template <typename T> struct Backward {
   const T *grad_ys, *acts, *y0, *ys, *z0, *zs, *mask;
+  const int64_t* len;  // per-row lengths, or null
   T dt;
   T *g_y, *g_z, *dU, *db;
 };
@@ -481,7 +531,7 @@ template <typename T> inline void add_to(T* __restrict acc, const T* __restrict 
 }
 
 // whh4 (4H, H): W_hh with a zero block where a d u_proj row has its cand-y column, so dU rows go in as they are
-template <typename T, int HC>
+template <typename T, int HC, bool LEN>
 void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
   const int64_t Tn = s.T, B = s.B, H = HC > 0 ? HC : s.H;
   auto rows = [&](auto r_const, int64_t b0) {
@@ -490,21 +540,38 @@ void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
     T* gy = g.g_y + b0 * H;
     T* gz = g.g_z + b0 * H;
     const T* mb = g.mask ? g.mask + b0 * H : nullptr;
+    const int64_t* len = LEN ? g.len + b0 : nullptr;
+    // with lengths, every row of the block runs up to step n_all, some up to n_end, none after
+    const int64_t n_all = LEN ? *std::min_element(len, len + R) : Tn;
+    const int64_t n_end = LEN ? *std::max_element(len, len + R) : Tn;
     std::fill(dym, dym + R * H, T(0));
-    for (int64_t n = Tn - 1; n >= 0; --n) {
+    auto step = [&](int64_t n, auto some_ended) {
+      constexpr bool ENDED = decltype(some_ended)::value;  // check each row's length at this step
       const int64_t row = n * B + b0;  // R consecutive rows of step n
       const T* yp = (n ? g.ys + (n - 1) * B * H : g.y0) + b0 * H;  // y_{n-1}, z_{n-1} of these rows
       const T* zp = (n ? g.zs + (n - 1) * B * H : g.z0) + b0 * H;
       const T* a = g.acts + row * 4 * H;
       T* dU = g.dU + row * 4 * H;
       for (int64_t i = 0; i < R * H; ++i) gy[i] += g.grad_ys[row * H + i] + (mb ? dym[i] * mb[i] : dym[i]);
-      for (int r = 0; r < R; ++r) bwd_y(a + r * 4 * H, yp + r * H, gy + r * H, dU + r * 4 * H, H, g.dt);
+      for (int r = 0; r < R; ++r) {
+        if (ENDED && n >= len[r]) std::fill(dU + r * 4 * H, dU + (r + 1) * 4 * H, T(0));  // frozen row
+        else bwd_y(a + r * 4 * H, yp + r * H, gy + r * H, dU + r * 4 * H, H, g.dt);
+      }
       rows_vecmat<R>(dU + 2 * H, wtz, dzy, H, H, 4 * H);
       for (int64_t i = 0; i < R * H; ++i) gz[i] += dzy[i];
-      for (int r = 0; r < R; ++r) bwd_z(a + r * 4 * H, zp + r * H, gz + r * H, dU + r * 4 * H, H, g.dt);
+      for (int r = 0; r < R; ++r) {
+        if (!(ENDED && n >= len[r])) bwd_z(a + r * 4 * H, zp + r * H, gz + r * H, dU + r * 4 * H, H, g.dt);
+      }
       add_to(g.db + b0 * 4 * H, dU, R * 4 * H);
       rows_vecmat<R>(dU, whh4, dym, 4 * H, H);
+    };
+    for (int64_t n = Tn - 1; n >= n_end; --n) {  // (LEN only) every row frozen: dL/dy_n goes on unchanged
+      const int64_t row = n * B + b0;
+      for (int64_t i = 0; i < R * H; ++i) gy[i] += g.grad_ys[row * H + i];
+      std::fill(g.dU + row * 4 * H, g.dU + (row + R) * 4 * H, T(0));
     }
+    for (int64_t n = n_end - 1; n >= n_all; --n) step(n, std::true_type{});
+    for (int64_t n = n_all - 1; n >= 0; --n) step(n, std::false_type{});
     for (int64_t i = 0; i < R * H; ++i) gy[i] += mb ? dym[i] * mb[i] : dym[i];
   };
   for_row_blocks<4>(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
@@ -512,13 +579,16 @@ void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
   });
 }
 
-template <typename T>
+// With lengths, the rows from live[n] on have ended at step n: the GEMMs skip them, and their rows of
+// dym stay zero (from the start of the reverse loop to step n they have been frozen all along).
+template <typename T, bool LEN>
 void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
   at::Tensor dzy = at::empty({B, H}, opt), dym = at::zeros({B, H}, opt);
   T *dzyp = dzy.data_ptr<T>(), *dymp = dym.data_ptr<T>();
+  const std::vector<int64_t> live = LEN ? live_rows(g.len, Tn, B) : std::vector<int64_t>();
   for (int64_t n = Tn - 1; n >= 0; --n) {
-    const int64_t r0 = n * B;
+    const int64_t r0 = n * B, Bn = LEN ? live[n] : B;
     const T* yp = n ? g.ys + (n - 1) * B * H : g.y0;  // y_{n-1}, z_{n-1}
     const T* zp = n ? g.zs + (n - 1) * B * H : g.z0;
     T* dU = g.dU + r0 * 4 * H;
@@ -529,12 +599,15 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
         const T* dymb = dymp + b * H;
         if (g.mask) for (int64_t j = 0; j < H; ++j) gy[j] += grad[j] + dymb[j] * g.mask[b * H + j];
         else for (int64_t j = 0; j < H; ++j) gy[j] += grad[j] + dymb[j];
-        bwd_y(g.acts + (r0 + b) * 4 * H, yp + b * H, gy, dU + b * 4 * H, H, g.dt);
+        if (LEN && n >= g.len[b]) std::fill(dU + b * 4 * H, dU + (b + 1) * 4 * H, T(0));  // frozen row
+        else bwd_y(g.acts + (r0 + b) * 4 * H, yp + b * H, gy, dU + b * 4 * H, H, g.dt);
       }
     });
-    at::mm_out(dzy, at::from_blob(dU + 2 * H, {B, H}, {4 * H, 1}, opt), w_tz);
+    at::Tensor dzy_rows = first_rows(dzy, Bn), dym_rows = first_rows(dym, Bn);
+    if (Bn) at::mm_out(dzy_rows, at::from_blob(dU + 2 * H, {Bn, H}, {4 * H, 1}, opt), w_tz);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
+        if (LEN && n >= g.len[b]) continue;  // z_n = z_{n-1}: dL/dz_n goes on unchanged
         T* gz = g.g_z + b * H;
         for (int64_t j = 0; j < H; ++j) gz[j] += dzyp[b * H + j];
         bwd_z(g.acts + (r0 + b) * 4 * H, zp + b * H, gz, dU + b * 4 * H, H, g.dt);
@@ -542,8 +615,9 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
       }
     });
     // [gate y, gate z] and cand z of this step's d u_proj rows (strided views) into W_hh
-    at::mm_out(dym, at::from_blob(dU, {B, 2 * H}, {4 * H, 1}, opt), w_hh.narrow(0, 0, 2 * H));
-    dym.addmm_(at::from_blob(dU + 3 * H, {B, H}, {4 * H, 1}, opt), w_hh.narrow(0, 2 * H, H));
+    if (!Bn) continue;
+    at::mm_out(dym_rows, at::from_blob(dU, {Bn, 2 * H}, {4 * H, 1}, opt), w_hh.narrow(0, 0, 2 * H));
+    dym_rows.addmm_(at::from_blob(dU + 3 * H, {Bn, H}, {4 * H, 1}, opt), w_hh.narrow(0, 2 * H, H));
   }
   for (int64_t i = 0; i < B * H; ++i) g.g_y[i] += g.mask ? dymp[i] * g.mask[i] : dymp[i];
 }
@@ -554,6 +628,27 @@ at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) {
 
 template <typename T> T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
+// A bias, or zeros where the layer has none (bias=False)
+at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& b, int64_t n, const at::TensorOptions& opt) {
+  return b.has_value() && b->defined() ? *b : at::zeros({n}, opt);
+}
+
+// Per-row lengths (B,) in [1, T], int64, or an undefined tensor
+at::Tensor opt_lengths(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
+  if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
+  const at::Tensor len = lengths->contiguous();
+  TORCH_CHECK(len.scalar_type() == at::kLong && len.dim() == 1 && len.size(0) == B,
+              "lem_cpu: lengths must be an int64 tensor of shape (B,) = (", B, ",)");
+  TORCH_CHECK(B == 0 || (len.min().item<int64_t>() >= 1 && len.max().item<int64_t>() <= T),
+              "lem_cpu: lengths must be in [1, T = ", T, "]");
+  return len;
+}
+
+// f(std::integral_constant<bool, LEN>): the loops compiled with or without per-row lengths
+template <typename F> inline void with_lengths(const at::Tensor& len, const F& f) {
+  if (len.defined()) f(std::true_type{}); else f(std::false_type{});
+}
+
 void check(const at::Tensor& t, int64_t width, const at::Tensor& y0, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
   TORCH_CHECK(t.dim() == 3 && t.size(0) > 0 && t.size(2) == width * y0.size(1),
@@ -562,12 +657,14 @@ void check(const at::Tensor& t, int64_t width, const at::Tensor& y0, const char*
 
 }  // namespace
 
-// x (T, B, I), w_in (4H, I), b_in (4H). Returns ys (T, B, H), zs (T, B, H) and the activations
-// acts (T, B, 4H) when keep (for a backward), else ys and only z_T as (1, B, H). keep changes only
-// where z_n and the activations are written, never what is computed: ys and z_T are the same bits.
-std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, at::Tensor b_in, at::Tensor y0, at::Tensor z0,
-                                    at::Tensor w_hh, at::Tensor b_hh, at::Tensor w_tz, at::Tensor b_tz,
-                                    c10::optional<at::Tensor> mask_opt, double dt, bool keep) {
+// x (T, B, I), w_in (4H, I), the biases b_in (4H), b_hh (3H), b_tz (H) or none, lengths (B,) or none.
+// Returns ys (T, B, H), z_T (B, H) and, when keep (for a backward), zs (T, B, H) and the activations
+// acts (T, B, 4H), else two empty tensors in their place. keep changes only where z_n and the
+// activations are written, never what is computed: ys and z_T are the same bits.
+std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, c10::optional<at::Tensor> b_in, at::Tensor y0,
+                                    at::Tensor z0, at::Tensor w_hh, c10::optional<at::Tensor> b_hh, at::Tensor w_tz,
+                                    c10::optional<at::Tensor> b_tz, c10::optional<at::Tensor> mask_opt,
+                                    c10::optional<at::Tensor> lengths_opt, double dt, bool keep) {
   TORCH_CHECK(x.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
   TORCH_CHECK(x.dim() == 3 && x.size(0) > 0 && w_in.size(0) == 4 * y0.size(1), "lem_cpu: x must be (T, B, I) with T > 0");
   TORCH_CHECK(x.scalar_type() == y0.scalar_type() && w_in.scalar_type() == y0.scalar_type(),
@@ -577,9 +674,12 @@ std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, at::Tensor b_
   w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
   const Sizes s{x.size(0), x.size(1), y0.size(1)};
   const int64_t H = s.H;
-  const at::Tensor bias = b_in + at::cat({b_hh.narrow(0, 0, 2 * H), b_tz, b_hh.narrow(0, 2 * H, H)});
-  const at::Tensor mask = opt_mask(mask_opt);
   const auto opt = y0.options();
+  const at::Tensor b_hh_ = bias_or_zeros(b_hh, 3 * H, opt);
+  const at::Tensor bias = bias_or_zeros(b_in, 4 * H, opt) +
+                          at::cat({b_hh_.narrow(0, 0, 2 * H), bias_or_zeros(b_tz, H, opt), b_hh_.narrow(0, 2 * H, H)});
+  const at::Tensor mask = opt_mask(mask_opt);
+  const at::Tensor len = opt_lengths(lengths_opt, s.T, s.B);
   at::Tensor ys = empty_large({s.T, s.B, s.H}, opt);
   at::Tensor zs = keep ? empty_large({s.T, s.B, s.H}, opt) : at::empty({2, s.B, s.H}, opt);
   at::Tensor acts = keep ? empty_large({s.T, s.B, 4 * s.H}, opt) : at::Tensor();
@@ -587,35 +687,39 @@ std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, at::Tensor b_
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lem_forward", [&] {
     using T = scalar_t;
     const Forward<T> f{x.data_ptr<T>(), y0.data_ptr<T>(), z0.data_ptr<T>(), bias.data_ptr<T>(), ptr_or_null<T>(mask),
-                       x.size(2), static_cast<T>(dt), ys.data_ptr<T>(), keep ? zs.data_ptr<T>() : nullptr,
-                       ptr_or_null<T>(acts), keep ? nullptr : zs.data_ptr<T>()};
-    if (s.H <= kRowwiseMaxH) {
-      const at::Tensor win_t = w_in.t().contiguous(), whh_t = w_hh.t().contiguous(), wtz_t = w_tz.t().contiguous();
-      with_fixed_h(s.H, [&](auto hc) {
-        forward_rows<T, decltype(hc)::value>(s, f, win_t.data_ptr<T>(), whh_t.data_ptr<T>(), wtz_t.data_ptr<T>());
-      });
-    } else {
-      forward_gemm<T>(s, f, w_in, w_hh, w_tz, opt);
-    }
+                       ptr_or_null<int64_t>(len), x.size(2), static_cast<T>(dt), ys.data_ptr<T>(),
+                       keep ? zs.data_ptr<T>() : nullptr, ptr_or_null<T>(acts), keep ? nullptr : zs.data_ptr<T>()};
+    with_lengths(len, [&](auto has_len) {
+      constexpr bool LEN = decltype(has_len)::value;
+      if (s.H <= kRowwiseMaxH) {
+        const at::Tensor win_t = w_in.t().contiguous(), whh_t = w_hh.t().contiguous(), wtz_t = w_tz.t().contiguous();
+        with_fixed_h(s.H, [&](auto hc) {
+          forward_rows<T, decltype(hc)::value, LEN>(s, f, win_t.data_ptr<T>(), whh_t.data_ptr<T>(), wtz_t.data_ptr<T>());
+        });
+      } else {
+        forward_gemm<T, LEN>(s, f, w_in, w_hh, w_tz, opt);
+      }
+    });
   });
-  if (keep) return {ys, zs, acts};
+  if (keep) return {ys, zs[s.T - 1].clone(), zs, acts};
   // without keep, the per-row strategy leaves z_T in zs[0], the GEMM one in zs[(T - 1) % 2]
   const int64_t last = s.H <= kRowwiseMaxH ? 0 : (s.T - 1) % 2;
-  return {ys, zs.narrow(0, last, 1).clone()};
+  return {ys, zs[last].clone(), at::empty({0}, opt), at::empty({0}, opt)};
 }
 
-// grad_ys and grad_zT may be undefined (no gradient reached them: zero). Returns d x (undefined unless
+// grad_ys and grad_zT may be undefined (no gradient reached them: zero). Returns d x (empty unless
 // needs_dx), d w_in, d b_in, d y0, d z0, d w_hh, d b_hh, d w_tz, d b_tz.
 std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10::optional<at::Tensor> grad_zT, at::Tensor acts,
                                      at::Tensor ys, at::Tensor zs, at::Tensor x, at::Tensor w_in, at::Tensor y0, at::Tensor z0,
-                                     at::Tensor w_hh, at::Tensor w_tz, c10::optional<at::Tensor> mask_opt, double dt,
-                                     bool needs_dx) {
+                                     at::Tensor w_hh, at::Tensor w_tz, c10::optional<at::Tensor> mask_opt,
+                                     c10::optional<at::Tensor> lengths_opt, double dt, bool needs_dx) {
   check(acts, 4, y0, "acts");
   acts = acts.contiguous(); ys = ys.contiguous(); zs = zs.contiguous();
   y0 = y0.contiguous(); z0 = z0.contiguous(); w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
   const int64_t T = acts.size(0), B = acts.size(1), H = y0.size(1);
   const Sizes s{T, B, H};
   const at::Tensor mask = opt_mask(mask_opt);
+  const at::Tensor len = opt_lengths(lengths_opt, T, B);
   const auto opt = y0.options();
   FlushDenormals ftz;
   // a dense copy in a cached buffer (the gradient of ys.sum(), say, comes as an expanded view)
@@ -628,14 +732,20 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lem_backward", [&] {
     using T_ = scalar_t;
     const Backward<T_> g{grad_ys.data_ptr<T_>(), acts.data_ptr<T_>(), y0.data_ptr<T_>(), ys.data_ptr<T_>(),
-                         z0.data_ptr<T_>(), zs.data_ptr<T_>(), ptr_or_null<T_>(mask), static_cast<T_>(dt),
-                         g_y.data_ptr<T_>(), g_z.data_ptr<T_>(), d_u.data_ptr<T_>(), db_rows.data_ptr<T_>()};
-    if (H <= kRowwiseMaxH) {
-      const at::Tensor whh4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
-      with_fixed_h(H, [&](auto hc) { backward_rows<T_, decltype(hc)::value>(s, g, whh4.data_ptr<T_>(), w_tz.data_ptr<T_>()); });
-    } else {
-      backward_gemm<T_>(s, g, w_hh, w_tz, opt);
-    }
+                         z0.data_ptr<T_>(), zs.data_ptr<T_>(), ptr_or_null<T_>(mask), ptr_or_null<int64_t>(len),
+                         static_cast<T_>(dt), g_y.data_ptr<T_>(), g_z.data_ptr<T_>(), d_u.data_ptr<T_>(),
+                         db_rows.data_ptr<T_>()};
+    with_lengths(len, [&](auto has_len) {
+      constexpr bool LEN = decltype(has_len)::value;
+      if (H <= kRowwiseMaxH) {
+        const at::Tensor whh4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
+        with_fixed_h(H, [&](auto hc) {
+          backward_rows<T_, decltype(hc)::value, LEN>(s, g, whh4.data_ptr<T_>(), w_tz.data_ptr<T_>());
+        });
+      } else {
+        backward_gemm<T_, LEN>(s, g, w_hh, w_tz, opt);
+      }
+    });
   });
   // weight gradients: GEMMs over all T·B rows, formed transposed ((y_{n-1} ⊙ mask)^T dA is the faster
   // orientation for MKL's long-K products: ~125 vs ~165 ms at sMNIST size)
@@ -656,7 +766,7 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
   // inp2hid: its bias gradient is the same column sum of d u_proj as both hidden biases
   const at::Tensor x2 = x.reshape({T * B, x.size(2)});
   const at::Tensor d_win = at::mm(x2.t(), dU2).t().contiguous();
-  const at::Tensor d_x = needs_dx ? at::mm(dU2, w_in).view(x.sizes()) : at::Tensor();
+  const at::Tensor d_x = needs_dx ? at::mm(dU2, w_in).view(x.sizes()) : at::empty({0}, opt);
   const at::Tensor d_b = db_rows.sum(0);  // [gate y, gate z | cand y | cand z]
   const at::Tensor d_bhh = at::cat({d_b.narrow(0, 0, 2 * H), d_b.narrow(0, 3 * H, H)});
   return {d_x, d_win, d_b, g_y, g_z, d_whh_t.t().contiguous(), d_bhh, d_wtz, d_b.narrow(0, 2 * H, H).clone()};

@@ -8,7 +8,9 @@ its inputs and writes only its outputs. That needs 4·H² weights per program: t
 block (an upper bound that tests/test_fit.py checks against what Triton allocates).
 
 Layouts (gpu.py): u_proj and the saved activations are (T, B, 4H) in the order
-[gate y, gate z, cand z, cand y]; ys, zs are (T + 1, B, H) with y_0, z_0 as step 0.
+[gate y, gate z, cand z, cand y]; ys, zs are (T + 1, B, H) with y_0, z_0 as step 0. With per-row
+lengths (HAS_LEN), a row's y and z stay as they are from step lengths[b] on (tl.where), and its
+gradients of u_proj there are zero.
 """
 import triton
 import triton.language as tl
@@ -26,8 +28,14 @@ def _block(ptr, row0, j, H, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, ys_ptr, zs_ptr, acts_ptr, T, B, H, dt,
-             HAS_MASK: tl.constexpr, KEEP: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
+def _lengths(len_ptr, b, B):
+    """(BB, 1) lengths of rows b (0 for rows past B)."""
+    return tl.load(len_ptr + b, mask=b < B, other=0)[:, None]
+
+
+@triton.jit
+def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, ys_ptr, zs_ptr, acts_ptr, T, B, H, dt,
+             HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, KEEP: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
     # KEEP: zs (T + 1, B, H) and acts are written for backward; else zs is (1, B, H), z_0 in, z_T out
     GEMM: tl.constexpr = whh_ptr.dtype.element_ty  # the dtype the products take (float32, or the autocast one)
     b = tl.program_id(0) * BB + tl.arange(0, BB)
@@ -48,6 +56,8 @@ def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, ys_ptr, zs_ptr, acts_p
     z = tl.load(zs_ptr + bh, mask=ok, other=0.0)
     if HAS_MASK:
         keep = tl.load(mask_ptr + bh, mask=ok, other=0.0)
+    if HAS_LEN:
+        n_b = _lengths(len_ptr, b, B)
     for t in range(T):
         step = tl.cast(t, tl.int64) * B * H  # offsets of step t in (·, B, H) and (·, B, 4H) buffers: 64-bit
         u = u_ptr + 4 * step + b4
@@ -55,10 +65,16 @@ def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, ys_ptr, zs_ptr, acts_p
         s_y = tl.sigmoid(tl.load(u, mask=ok, other=0.0).to(tl.float32) + b_gy + tl.dot(ym, w_gy, input_precision="ieee"))
         s_z = tl.sigmoid(tl.load(u + H, mask=ok, other=0.0).to(tl.float32) + b_gz + tl.dot(ym, w_gz, input_precision="ieee"))
         c_z = tanh(tl.load(u + 2 * H, mask=ok, other=0.0).to(tl.float32) + b_cz + tl.dot(ym, w_cz, input_precision="ieee"))
-        z = z + dt * s_z * (c_z - z)
+        if HAS_LEN:
+            z = tl.where(t < n_b, z + dt * s_z * (c_z - z), z)
+        else:
+            z = z + dt * s_z * (c_z - z)
         c_y = tanh(tl.load(u + 3 * H, mask=ok, other=0.0).to(tl.float32) + b_cy
                     + tl.dot(z.to(GEMM), w_cy, input_precision="ieee"))
-        y = y + dt * s_y * (c_y - y)
+        if HAS_LEN:
+            y = tl.where(t < n_b, y + dt * s_y * (c_y - y), y)
+        else:
+            y = y + dt * s_y * (c_y - y)
         tl.store(ys_ptr + step + B * H + bh, y, mask=ok)
         if KEEP:
             tl.store(zs_ptr + step + B * H + bh, z, mask=ok)
@@ -72,8 +88,8 @@ def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, ys_ptr, zs_ptr, acts_p
 
 
 @triton.jit
-def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, du_ptr, gy_ptr, gz_ptr, T, B, H, dt,
-              HAS_MASK: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
+def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, du_ptr, gy_ptr, gz_ptr, T, B, H,
+              dt, HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
     # gy, gz (B, H): dL/dz_T in gz on entry; dL/dy_0, dL/dz_0 on exit. du = dL/du_proj (T, B, 4H).
     GEMM: tl.constexpr = du_ptr.dtype.element_ty
     b = tl.program_id(0) * BB + tl.arange(0, BB)
@@ -90,6 +106,8 @@ def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, du_
     dym = tl.zeros((BB, HP), dtype=tl.float32)  # dL/d(y_n ⊙ mask) through hid2hid of step n + 1
     if HAS_MASK:
         keep = tl.load(mask_ptr + bh, mask=ok, other=0.0)
+    if HAS_LEN:
+        n_b = _lengths(len_ptr, b, B)
     for i in range(T):
         step = tl.cast(T - 1 - i, tl.int64) * B * H
         a = acts_ptr + 4 * step + b4
@@ -101,10 +119,20 @@ def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, du_
         d_cy = (g * dt * s_y * (1.0 - c_y * c_y)).to(GEMM)
         d_gy = (g * (c_y - tl.load(ys_ptr + step + bh, mask=ok, other=0.0)) * dt * s_y * (1.0 - s_y)).to(GEMM)
         gy = g * (1.0 - dt * s_y)
+        if HAS_LEN:  # a row that has ended: no gradient of u_proj, dL/dy and dL/dz go on unchanged
+            live = T - 1 - i < n_b
+            d_cy = tl.where(live, d_cy, 0.0).to(GEMM)
+            d_gy = tl.where(live, d_gy, 0.0).to(GEMM)
+            gy = tl.where(live, gy, g)
         gz = gz + tl.dot(d_cy, w_cy, input_precision="ieee")
         d_gz = (gz * (c_z - tl.load(zs_ptr + step + bh, mask=ok, other=0.0)) * dt * s_z * (1.0 - s_z)).to(GEMM)
         d_cz = (gz * dt * s_z * (1.0 - c_z * c_z)).to(GEMM)
-        gz = gz * (1.0 - dt * s_z)
+        if HAS_LEN:
+            d_gz = tl.where(live, d_gz, 0.0).to(GEMM)
+            d_cz = tl.where(live, d_cz, 0.0).to(GEMM)
+            gz = tl.where(live, gz * (1.0 - dt * s_z), gz)
+        else:
+            gz = gz * (1.0 - dt * s_z)
         du = du_ptr + 4 * step + b4
         tl.store(du, d_gy, mask=ok)
         tl.store(du + H, d_gz, mask=ok)
@@ -133,17 +161,17 @@ def shared_memory(H, gemm_dtype):
     return 4 * HP * HP * gemm_dtype.itemsize + 4 * BB * HP * 4 + 2048
 
 
-def forward(u, bias, w_hh, w_tz, mask, ys, zs, acts, dt):
+def forward(u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, dt):
     """Fills ys[1:], and zs[1:] and acts when acts is given (else zs (1, B, H) goes from z_0 to z_T)."""
     T, B, H = u.size(0), u.size(1), ys.size(2)
     meta, num_warps = config(H)
-    launch(_forward, (triton.cdiv(B, BB),), u, bias, w_hh, w_tz, mask, ys, zs, acts, T, B, H, dt,
-           HAS_MASK=mask is not None, KEEP=acts is not None, num_warps=num_warps, **meta)
+    launch(_forward, (triton.cdiv(B, BB),), u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, T, B, H, dt,
+           HAS_MASK=mask is not None, HAS_LEN=lengths is not None, KEEP=acts is not None, num_warps=num_warps, **meta)
 
 
-def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, du, gy, gz, dt):
+def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz, dt):
     """Fills du (T, B, 4H); gy, gz: dL/dy_0, dL/dz_0 on exit (gz holds dL/dz_T on entry)."""
     T, B, H = acts.size(0), acts.size(1), ys.size(2)
     meta, num_warps = config(H)
-    launch(_backward, (triton.cdiv(B, BB),), grad_ys, acts, ys, zs, w_hh, w_tz, mask, du, gy, gz, T, B, H, dt,
-           HAS_MASK=mask is not None, num_warps=num_warps, **meta)
+    launch(_backward, (triton.cdiv(B, BB),), grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz, T, B, H, dt,
+           HAS_MASK=mask is not None, HAS_LEN=lengths is not None, num_warps=num_warps, **meta)

@@ -1,0 +1,79 @@
+"""torch.compile of models holding LEM: the fused backends are torch.library operators, so the layer
+traces into the graph without a break and the compiled model gives the eager results."""
+import pytest
+import torch
+import torch._dynamo
+from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
+
+import lem
+from lem import kernels
+
+
+def outputs_and_grads(model, x):
+    out, (y, z) = model(x)
+    loss = out.square().sum() + y.sum() + (2 * z).sum()
+    return [out, y, z, *torch.autograd.grad(loss, [x, *model.parameters()])]
+
+
+def assert_compiled_is_eager(backend, device="cpu"):
+    """A 2-layer bidirectional LEM with state dropout compiled as one graph (fullgraph: any graph
+    break fails) by AOTAutograd without code generation: the fake implementations and autograd of
+    the operators traced, then the same kernels run, so outputs and gradients are the eager ones bit
+    for bit; under torch.no_grad() too (the activations-free path, a graph of its own)."""
+    torch.manual_seed(0)
+    layer = lem.LEM(3, 8, 2, bidirectional=True, dt=0.6, state_dropout=0.3, backend=backend).to(device)
+    x = torch.randn(6, 4, 3, device=device, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    results = []
+    for model in (compiled, layer):
+        torch.manual_seed(1)  # the same state-dropout masks
+        results.append(outputs_and_grads(model, x))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(compiled(x)[0], layer(x)[0])
+
+
+def test_compiled_stack_is_eager_on_the_fused_cpu_path():
+    assert_compiled_is_eager("cpp")
+
+
+def test_inductor_compiles_the_fhn_model_in_one_graph():
+    """The FitzHugh-Nagumo model (lem.RNNModel, H 16, a head at every step) with torch.compile's
+    default compiler: forward and backward compiled, no graph break, the eager results."""
+    torch.manual_seed(0)
+    model = lem.RNNModel("lem", 1, 16, 1, head="every")
+    x = torch.randn(20, 4, 1)
+    compiled = torch.compile(model, fullgraph=True)
+    results = []
+    for m in (compiled, model):
+        out = m(x)
+        results.append([out, *torch.autograd.grad(out.square().sum(), list(model.parameters()))])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_packed_input_breaks_the_graph_only_to_pad_and_pack():
+    """Padding and packing have data-dependent shapes: they run eagerly, a graph break on each side
+    of the layers, which compile into one graph; the results are the eager ones."""
+    torch.manual_seed(0)
+    layer = lem.LEM(3, 8, bidirectional=True, dt=0.6)
+    packed = pack_sequence([torch.randn(n, 3) for n in (3, 7, 1, 5)], enforce_sorted=False)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(packed)
+    assert explained.break_reasons
+    for reason in explained.break_reasons:  # each at a call of _padded or _packed (_eager_when_compiled's run)
+        assert [f.name for f in reason.user_stack][-2:] == ["_forward_packed", "run"], reason
+    assert [n.target for g in explained.graphs for n in g.graph.nodes].count(torch.ops.lem.cpu_forward.default) == 2
+    out, (y, z) = torch.compile(layer, backend="aot_eager")(packed)
+    eager_out, (eager_y, eager_z) = layer(packed)
+    assert torch.equal(pad_packed_sequence(out)[0], pad_packed_sequence(eager_out)[0])
+    assert torch.equal(y, eager_y) and torch.equal(z, eager_z)
+
+
+def test_the_backend_choice_is_a_constant_to_torch_compile():
+    """kernels.resolve carries what torch.compiler.assume_constant_result sets (set by hand there, so
+    that importing lem does not import torch._dynamo): if torch changes that, this fails."""
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(marked) and all(getattr(kernels.resolve, k, None) == v for k, v in vars(marked).items())
