@@ -224,6 +224,15 @@ def test_compile_failure_falls_back_with_one_warning(tmp_path, monkeypatch):
         layer(x)
 
 
+
+def test_a_built_extension_is_imported_without_cpp_extension_load(tmp_path):
+    built = Path(cpu.load().__file__)
+    again = cpu._import_built(built.stem, built.parent)
+    assert again is not None and callable(again.forward)
+    assert cpu._import_built(built.stem, tmp_path) is None  # nothing built there
+    (tmp_path / "lem_cpu_cut.so").write_bytes(b"\x7fELF cut off mid-link")
+    assert cpu._import_built("lem_cpu_cut", tmp_path) is None  # cpp_extension.load then rebuilds it
+
 def test_gpu_tiers_under_the_interpreter():
     """tests/test_gpu_tiers.py on CPU tensors under Triton's interpreter. TRITON_INTERPRET must be
     set before Triton compiles the kernels' decorators: a fresh process."""

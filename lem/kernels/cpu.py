@@ -6,6 +6,7 @@ Its forward and backward are the torch.library operators lem::cpu_forward and le
 one node instead of breaking the graph there.
 """
 import hashlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -31,12 +32,31 @@ def load():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
         from torch.utils import cpp_extension
         flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", *_simd_flags()]  # lets the exp/tanh loops vectorise
-        # The name carries the hash of the source, its path and the flags: two checkouts never share
-        # (or race on) one cached build, which ninja would rebuild whenever the other one loads it.
-        digest = hashlib.sha1(SOURCE.read_bytes() + str(SOURCE.resolve()).encode() + " ".join(flags).encode()).hexdigest()[:12]
-        _module = cpp_extension.load(name=f"lem_cpu_{digest}", sources=[str(SOURCE)], build_directory=build_dir,
-                                     extra_cflags=flags, verbose=False)
+        # The name carries the hash of the source, its path, the flags and torch's version: two
+        # checkouts never share (or race on) one cached build, which ninja would rebuild whenever the
+        # other one loads it, and a build found under this name was made from exactly this source.
+        key = SOURCE.read_bytes() + str(SOURCE.resolve()).encode() + " ".join(flags).encode() + torch.__version__.encode()
+        name = f"lem_cpu_{hashlib.sha1(key).hexdigest()[:12]}"
+        _module = _import_built(name, build_dir or cpp_extension._get_build_directory(name, False))
+        if _module is None:
+            _module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=build_dir,
+                                         extra_cflags=flags, verbose=False)
     return _module
+
+
+def _import_built(name, folder):
+    """The extension built earlier under this name, imported without cpp_extension.load, which runs
+    ninja and takes its build lock (~1.4 s of every run's start); None when there is none to import."""
+    path = Path(folder) / f"{name}.so"
+    if not path.exists():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError:  # e.g. a build cut off mid-link: cpp_extension.load rebuilds it
+        return None
 
 
 def _simd_flags():
