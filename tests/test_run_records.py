@@ -55,7 +55,9 @@ def test_run_records_are_whole():
         assert {p.name for p in folder.iterdir()} == {"config.json", "log.jsonl", "summary.json"}, folder
         summary = json.loads(summary_file.read_text())
         records = reproduce.read_records(folder)
-        assert summary["status"] == "finished" and summary["epochs_done"] == len(records), folder
+        # a run stopped by --max-time ("interrupted") is reported as far as it got; one killed ("running") is not
+        assert summary["status"] in ("finished", "interrupted"), folder
+        assert summary["epochs_done"] == len(records), folder
 
 
 @pytest.mark.parametrize("run", ["fitzhugh_nagumo/lem_h16_seed1234", "fitzhugh_nagumo/lstm_h16_seed1234"])
