@@ -116,21 +116,32 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled (T, B, ·) gradients for outputs the loss does not reach
 
 
-def _backward(ctx, grad_ys, grad_zT, _grad_zs, _grad_acts):
-    x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ys, zs, acts = ctx.saved_tensors
-    grads = cpu_backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt,
+def _backward_with(backward):
+    def _backward(ctx, grad_ys, grad_zT, _grad_zs, _grad_acts):
+        x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ys, zs, acts = ctx.saved_tensors
+        grads = backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt,
                          ctx.needs_input_grad[0])
-    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None, None)
+        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None, None)
+    return _backward
 
 
-cpu_forward.register_autograd(_backward, setup_context=_setup_context)
+cpu_forward.register_autograd(_backward_with(cpu_backward), setup_context=_setup_context)
+
+
+class _EagerForward(torch.autograd.Function):
+    """cpu_forward and its autograd formula without the operator around them, for calls outside
+    torch.compile: calling a custom operator imports torch._dynamo (~1.7 s, once per process)."""
+    forward = staticmethod(cpu_forward._init_fn)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_with(cpu_backward._init_fn))
 
 
 def lem_cpu(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt):
     """(ys, z_T) of the layer (biases may be None, lengths None or (B,) int64). Keeps the
     activations only when a backward can follow (grad mode on and some input requires grad)."""
     keep = backward_can_follow(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask)
-    ys, z_T, _, _ = cpu_forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
+    forward = cpu_forward if torch.compiler.is_compiling() else _EagerForward.apply
+    ys, z_T, _, _ = forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
     return ys, z_T
 
 
