@@ -31,7 +31,9 @@ def load():
             os.makedirs(build_dir, exist_ok=True)
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
         from torch.utils import cpp_extension
-        flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", *_simd_flags()]  # lets the exp/tanh loops vectorise
+        # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it every call runs
+        # on one thread (OpenMP's runtime, libgomp.so.1, is the one torch has loaded already)
+        flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", *_simd_flags()]  # lets the exp/tanh loops vectorise
         # The name carries the hash of the source, its path, the flags and torch's version: two
         # checkouts never share (or race on) one cached build, which ninja would rebuild whenever the
         # other one loads it, and a build found under this name was made from exactly this source.
@@ -40,7 +42,7 @@ def load():
         _module = _import_built(name, build_dir or cpp_extension._get_build_directory(name, False))
         if _module is None:
             _module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=build_dir,
-                                         extra_cflags=flags, verbose=False)
+                                         extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     return _module
 
 
