@@ -31,9 +31,10 @@ def load():
             os.makedirs(build_dir, exist_ok=True)
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
         from torch.utils import cpp_extension
-        # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it every call runs
-        # on one thread (OpenMP's runtime, libgomp.so.1, is the one torch has loaded already)
-        flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", *_simd_flags()]  # lets the exp/tanh loops vectorise
+        # -fno-trapping-math -fno-math-errno let the exp/tanh loops vectorise. -fopenmp: at::parallel_for
+        # is OpenMP inside torch's headers, so without it every call runs on one thread (the OpenMP
+        # runtime, libgomp.so.1, is the one torch has loaded already)
+        flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", *_simd_flags()]
         # The name carries the hash of the source, its path, the flags and torch's version: two
         # checkouts never share (or race on) one cached build, which ninja would rebuild whenever the
         # other one loads it, and a build found under this name was made from exactly this source.
@@ -132,7 +133,7 @@ cpu_forward.register_autograd(_backward_with(cpu_backward), setup_context=_setup
 
 class _EagerForward(torch.autograd.Function):
     """cpu_forward and its autograd formula without the operator around them, for calls outside
-    torch.compile: calling a custom operator imports torch._dynamo (~1.7 s, once per process)."""
+    torch.compile: calling a custom operator imports torch._dynamo (~1.5 s, once per process)."""
     forward = staticmethod(cpu_forward._init_fn)
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward_with(cpu_backward._init_fn))
