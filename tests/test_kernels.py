@@ -233,6 +233,20 @@ def test_a_built_extension_is_imported_without_cpp_extension_load(tmp_path):
     (tmp_path / "lem_cpu_cut.so").write_bytes(b"\x7fELF cut off mid-link")
     assert cpu._import_built("lem_cpu_cut", tmp_path) is None  # cpp_extension.load then rebuilds it
 
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_announced(tmp_path, capsys):
+    import os
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cpu._check_build_lock(lock)  # fresh: another process may be building; cpp_extension.load waits
+    assert lock.exists() and f"waiting for {lock}" in capsys.readouterr().err
+    old = lock.stat().st_mtime - cpu.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="removing .*lock: left 16 min ago"):
+        cpu._check_build_lock(lock)
+    assert not lock.exists()
+    cpu._check_build_lock(lock)  # none: nothing to say
+
+
 def test_gpu_tiers_under_the_interpreter():
     """tests/test_gpu_tiers.py on CPU tensors under Triton's interpreter. TRITON_INTERPRET must be
     set before Triton compiles the kernels' decorators: a fresh process."""

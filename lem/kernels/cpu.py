@@ -9,6 +9,9 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,6 +23,7 @@ from . import backward_can_follow
 SOURCE = Path(__file__).with_name("lem_cpu.cpp")
 BUILD_DIR = None  # None: torch's cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)
 _module = None
+STALE_LOCK_S = 15 * 60  # a build takes ~1.5 min on 2 cores
 
 
 def load():
@@ -40,8 +44,10 @@ def load():
         # other one loads it, and a build found under this name was made from exactly this source.
         key = SOURCE.read_bytes() + str(SOURCE.resolve()).encode() + " ".join(flags).encode() + torch.__version__.encode()
         name = f"lem_cpu_{hashlib.sha1(key).hexdigest()[:12]}"
-        _module = _import_built(name, build_dir or cpp_extension._get_build_directory(name, False))
+        folder = build_dir or cpp_extension._get_build_directory(name, False)
+        _module = _import_built(name, folder)
         if _module is None:
+            _check_build_lock(Path(folder) / "lock")
             _module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=build_dir,
                                          extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     return _module
@@ -60,6 +66,23 @@ def _import_built(name, folder):
         return module
     except ImportError:  # e.g. a build cut off mid-link: cpp_extension.load rebuilds it
         return None
+
+
+def _check_build_lock(lock):
+    """cpp_extension.load waits, silently and without end, while its build folder holds a lock
+    file; a build killed mid-way (Ctrl-C on a first run) leaves one behind. A lock older than any
+    build takes is removed with a warning; a younger one is announced, naming the file to delete
+    if no other process is building."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"removing {lock}: left {age / 60:.0f} min ago by a build of the CPU kernel that did not finish")
+        lock.unlink(missing_ok=True)
+    else:
+        print(f"lem: waiting for {lock}: another process is building the CPU kernel (if none is, delete "
+              f"that file)", file=sys.stderr, flush=True)
 
 
 def _simd_flags():
