@@ -99,14 +99,16 @@ def _simd_flags():
     return ["-mavx2", "-mfma"]
 
 
-@torch.library.custom_op("lem::cpu_forward", mutates_args=(), device_types="cpu")
-def cpu_forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], y0: Tensor, z0: Tensor, w_hh: Tensor,
+def _forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], y0: Tensor, z0: Tensor, w_hh: Tensor,
                 b_hh: Optional[Tensor], w_tz: Tensor, b_tz: Optional[Tensor], mask: Optional[Tensor],
                 lengths: Optional[Tensor], dt: float, keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole layer, input projection included: ys (T, B, H), z_T (B, H), and for a backward
     (keep) zs (T, B, H) and the four gate/candidate activations of every step acts (T, B, 4H); without
     keep two empty tensors instead, and nothing of size T·B other than ys is written."""
     return tuple(load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep))
+
+
+cpu_forward = torch.library.custom_op("lem::cpu_forward", _forward, mutates_args=(), device_types="cpu")
 
 
 @cpu_forward.register_fake
@@ -117,13 +119,15 @@ def _(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep):
     return y0.new_empty(T, B, H), y0.new_empty(B, H), y0.new_empty(T, B, H), y0.new_empty(T, B, 4 * H)
 
 
-@torch.library.custom_op("lem::cpu_backward", mutates_args=(), device_types="cpu")
-def cpu_backward(grad_ys: Optional[Tensor], grad_zT: Optional[Tensor], acts: Tensor, ys: Tensor, zs: Tensor,
+def _backward(grad_ys: Optional[Tensor], grad_zT: Optional[Tensor], acts: Tensor, ys: Tensor, zs: Tensor,
                  x: Tensor, w_in: Tensor, y0: Tensor, z0: Tensor, w_hh: Tensor, w_tz: Tensor, mask: Optional[Tensor],
                  lengths: Optional[Tensor], dt: float, needs_dx: bool) -> list[Tensor]:
     """dL/d(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz) from what cpu_forward kept (d x empty
     unless needs_dx); grad_ys, grad_zT None where no gradient reached them."""
     return list(load().backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, dt, needs_dx))
+
+
+cpu_backward = torch.library.custom_op("lem::cpu_backward", _backward, mutates_args=(), device_types="cpu")
 
 
 @cpu_backward.register_fake
@@ -143,12 +147,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_with(backward):
-    def _backward(ctx, grad_ys, grad_zT, _grad_zs, _grad_acts):
+    def formula(ctx, grad_ys, grad_zT, _grad_zs, _grad_acts):
         x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ys, zs, acts = ctx.saved_tensors
         grads = backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt,
                          ctx.needs_input_grad[0])
         return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None, None)
-    return _backward
+    return formula
 
 
 cpu_forward.register_autograd(_backward_with(cpu_backward), setup_context=_setup_context)
@@ -157,9 +161,9 @@ cpu_forward.register_autograd(_backward_with(cpu_backward), setup_context=_setup
 class _EagerForward(torch.autograd.Function):
     """cpu_forward and its autograd formula without the operator around them, for calls outside
     torch.compile: calling a custom operator imports torch._dynamo (~1.5 s, once per process)."""
-    forward = staticmethod(cpu_forward._init_fn)
+    forward = staticmethod(_forward)
     setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward_with(cpu_backward._init_fn))
+    backward = staticmethod(_backward_with(_backward))
 
 
 def lem_cpu(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt):
