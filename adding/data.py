@@ -1,4 +1,4 @@
-"""Adding problem (SPEC §3.1): sum the two marked values of a long random sequence."""
+"""Adding problem (docs/paper.md §3.1): sum the two marked values of a long random sequence."""
 import torch
 
 

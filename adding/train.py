@@ -1,4 +1,4 @@
-"""Adding task (SPEC §3.1). Paper: LEM converges to test MSE ~1e-4 ... 1e-5 at T = 2000/5000/10000.
+"""Adding task (docs/paper.md §3.1). Paper: LEM converges to test MSE ~1e-4 ... 1e-5 at T = 2000/5000/10000.
 
     python adding/train.py                                  # T = 10000, the paper's run
     python adding/train.py --seq-length 2000
@@ -9,17 +9,23 @@ MSE on 1000 held-out samples. The run ends after --max-iter iterations, or after
 evaluations if that comes first. The test samples are drawn once (from seed + 1) so every point
 of the curve is measured on the same set; the reference drew 1000 new ones each time.
 """
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-import lem
-from lem.harness import at_least
-from data import adding_batch
+if __package__ in (None, ""):  # run as a script (python adding/train.py): the checkout first on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lem.train
+from lem.train import at_least
+from adding.data import adding_batch
 
 EVAL_EVERY = 100
 
 
-class Adding(lem.Task):
+class Adding(lem.train.Task):
     name = "adding"
     metric = "mse"
     higher_is_better = False
@@ -28,6 +34,7 @@ class Adding(lem.Task):
     defaults = dict(nhid=128, batch=50, lr=0.0026, dt=0.0242, seed=5544, epochs=None)
     epoch = f"{EVAL_EVERY} iterations; None: as many as --max-iter makes"
     eval_splits = ("test",)
+    input_size, output_size = 2, 1
 
     @staticmethod
     def add_arguments(parser):
@@ -47,26 +54,23 @@ class Adding(lem.Task):
         epochs = -(-self.args.max_iter // EVAL_EVERY)
         return min(epochs, self.args.epochs) if self.args.epochs is not None else epochs
 
-    def build_model(self):
-        a = self.args
-        return lem.RNNModel(a.model, 2, a.nhid, 1, dt=a.dt, backend=a.backend)
-
     def train_batches(self, epoch):
         first = epoch * EVAL_EVERY
         return [self.args.seed * 1_000_003 + i for i in range(first, min(first + EVAL_EVERY, self.args.max_iter))]
 
     def loss(self, model, batch_seed):
         x, y = adding_batch(self.args.seq_length, self.args.batch, torch.Generator().manual_seed(batch_seed))
-        x, y = lem.share(x, dim=1), lem.share(y)  # under torchrun: this process's part of the batch
+        x, y = lem.train.share(x, dim=1), lem.train.share(y)  # under torchrun: this process's part of the batch
         return F.mse_loss(model(x.to(self.device)), y.to(self.device))
 
     def evaluate(self, model, split):
         x, y = self.test
         sq_err = 0.0
-        for xb, yb in zip(x.split(250, dim=1), y.split(250)):
+        chunk = self.eval_chunk(x.size(0))
+        for xb, yb in zip(x.split(chunk, dim=1), y.split(chunk)):
             sq_err += F.mse_loss(model(xb.to(self.device)), yb.to(self.device), reduction="sum").item()
         return {"mse": sq_err / len(y)}
 
 
 if __name__ == "__main__":
-    lem.run(Adding)
+    lem.train.run(Adding)

@@ -5,8 +5,8 @@
 #
 # 1. pip install -r requirements.txt
 # 2. the GPU tests: every tier against the reference loop on CUDA, autocast, the experiments' sizes
-#    without falling back (tests/test_gpu_tiers.py)
-# 3. python -m lem.bench kernels --devices cuda: every configuration; the reference loop, each GPU tier
+#    without falling back (tests/kernels/test_gpu_tiers.py)
+# 3. python -m lem.tools.bench kernels --devices cuda: every configuration; the reference loop, each GPU tier
 #    and nn.LSTM (cuDNN); fwd+bwd and fwd; peak memory
 # 4. three epochs of fitzhugh_nagumo/train.py on CUDA
 # Everything it prints goes to $OUT/gpu_check.log ($OUT if set, else gpu_check_out/), the bench
@@ -26,10 +26,10 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 git log -1 --format='commit %h %s' || true
 
 step "GPU tests"
-python -m pytest -q -p no:cacheprovider tests/test_gpu_tiers.py
+python -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_tiers.py
 
-step "python -m lem.bench kernels --devices cuda"
-python -m lem.bench kernels --devices cuda --repeats 3 --budget 20 | tee "$OUT/bench_cuda.md"
+step "python -m lem.tools.bench kernels --devices cuda"
+python -m lem.tools.bench kernels --devices cuda --repeats 3 --budget 20 | tee "$OUT/bench_cuda.md"
 
 step "fitzhugh_nagumo/train.py --epochs 3 --device cuda"
 python fitzhugh_nagumo/train.py --epochs 3 --device cuda --out-dir "$OUT/fhn" --data-dir "$OUT/fhn_data"

@@ -1,5 +1,5 @@
 """UEA/UCR classification datasets through sktime's loader, split as the reference split
-EigenWorms (SPEC §3.2): merge the archive's train and test parts (in that order), then
+EigenWorms (docs/paper.md §3.2): merge the archive's train and test parts (in that order), then
 train_test_split(test_size=0.3, random_state=1234) and, on the 30 %, train_test_split(test_size=0.5,
 random_state=1234) into valid and test. Labels are encoded with sklearn's LabelEncoder.
 
@@ -17,7 +17,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from sktime.datasets import load_UCR_UEA_dataset, tsc_dataset_names
 
-from lem.data import DataError, cached, pad_series
+from lem.data import DataError, cached
+from lem.data.series import nested_frame_series, pad_series, padded_splits
 
 SPLIT_SEED = 1234
 MIRROR = "https://timeseriesclassification.com/aeon-toolkit/{}.zip"  # what sktime falls back to
@@ -40,15 +41,14 @@ def read_dataset(name, folder):
         raise DataError(f"could not get the UEA/UCR dataset {name} through sktime ({reason}). "
                          f"Download {MIRROR.format(name)} by hand and unzip it so that "
                          f"{folder / name / (name + '_TRAIN.ts')} and _TEST.ts exist.") from None
-    series = [[X.iat[i, c].to_numpy() for c in range(X.shape[1])] for i in range(len(X))]
-    lengths = [{len(ch) for ch in s} for s in series]
-    if any(len(n) != 1 for n in lengths):
-        raise DataError(f"{name}: the channels of a series have different lengths; expected one length per series")
-    return [np.stack(s, axis=1) for s in series], y
+    try:
+        return nested_frame_series(X), y
+    except DataError as e:
+        raise DataError(f"{name}: {e}") from None
 
 
 def split(n):
-    """Index arrays (train, valid, test) of SPEC §3.2."""
+    """Index arrays (train, valid, test) of docs/paper.md §3.2."""
     train, rest = train_test_split(np.arange(n), test_size=0.3, random_state=SPLIT_SEED)
     valid, test = train_test_split(rest, test_size=0.5, random_state=SPLIT_SEED)
     return {"train": train, "valid": valid, "test": test}
@@ -59,12 +59,7 @@ def build(name, folder):
     x, lengths = pad_series(series)
     encoder = LabelEncoder().fit(labels)
     y = torch.from_numpy(encoder.transform(labels)).long()
-    splits = {}
-    for part, idx in split(len(y)).items():
-        idx = torch.from_numpy(idx)
-        n = int(lengths[idx].max())
-        splits[part] = (x[:n, idx].contiguous(), y[idx], lengths[idx])  # time-first (T, N, C)
-    return {"splits": splits, "classes": [str(c) for c in encoder.classes_]}
+    return {"splits": padded_splits(x, y, lengths, split(len(y))), "classes": [str(c) for c in encoder.classes_]}
 
 
 def load_splits(name, data_dir):
@@ -80,7 +75,7 @@ def load_splits(name, data_dir):
 
 
 def synthetic_splits(name, data_dir, n=259, length=17984, channels=6, classes=5):
-    """What load_splits returns, for random series of EigenWorms' shape (SPEC §3.2) split as the real ones."""
+    """What load_splits returns, for random series of EigenWorms' shape (docs/paper.md §3.2) split as the real ones."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(length, n, channels, generator=g), torch.randint(0, classes, (n,), generator=g)
     splits = {part: (x[:, idx].contiguous(), y[idx], torch.full((len(idx),), length))

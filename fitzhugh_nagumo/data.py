@@ -1,4 +1,4 @@
-"""FitzHugh-Nagumo trajectories (SPEC §3.3), integrated with scipy's solve_ivp (RK45).
+"""FitzHugh-Nagumo trajectories (docs/paper.md §3.3), integrated with scipy's solve_ivp (RK45).
 
     v' = v − v³/3 − w + I,   w' = ε (v + a − b w),   I = 0.5, a = 0.7, b = 0.8, ε = 1/50
 on t ∈ [0, 400], sampled at 1001 equispaced points, v0 ~ U(−1, 1), w0 = 0.

@@ -1,4 +1,4 @@
-"""Speech Commands V2 as the 12-class Google12 task (SPEC §3.4): download, split, log-mel features.
+"""Speech Commands V2 as the 12-class Google12 task (docs/paper.md §3.4): download, split, log-mel features.
 
 Everything lives in <data_dir>/speech_commands/:
     speech_commands_v0.02.tar.gz               the archive, sha256 checked (kept after extraction)
@@ -27,7 +27,7 @@ import torchaudio
 from tqdm import tqdm
 
 from lem.data import DataError, cached
-from lem.download import by_hand, download
+from lem.data.download import by_hand, download
 
 URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 SHA256 = "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"
@@ -48,14 +48,14 @@ FEATURES = {**MEL, "db": "10*log10(S / max S)", "top_db": TOP_DB, "frames": FRAM
 
 
 def label_of(folder):
-    """Class index of a word folder (SPEC §3.4): the 10 words, silence 1, every other word unknown 0."""
+    """Class index of a word folder (docs/paper.md §3.4): the 10 words, silence 1, every other word unknown 0."""
     if folder == NOISE:
         return 1
     return CLASSES.index(folder) if folder in WORDS else 0
 
 
 class LogMel(torch.nn.Module):
-    """Waveforms (N, samples) of one length → features (N, 126, 80), SPEC §3.4.
+    """Waveforms (N, samples) of one length → features (N, 126, 80), docs/paper.md §3.4.
 
     mel magnitude spectrogram (librosa's conventions: Slaney scale and area norm, centred frames with
     reflect padding) → 10·log10(S / max S) floored at −80 dB, per clip → zero-pad or cut to 126 frames

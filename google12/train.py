@@ -1,29 +1,34 @@
-"""Google12: keyword spotting on Speech Commands V2, 12 classes (SPEC §3.4). Paper: 95.7 % test accuracy.
+"""Google12: keyword spotting on Speech Commands V2, 12 classes (docs/paper.md §3.4). Paper: 95.7 % test accuracy.
 
     python google12/train.py              # the paper's run: downloads 2.3 GB once, caches features, 60 epochs
     python google12/train.py --url URL_OF_A_MIRROR --sha256 SHA256_OF_IT
-    python -m lem.bench features                 # speed of the feature extraction here
-    python -m lem.bench epoch google12 --synthetic   # and of one epoch
+    python google12/time_features.py                 # speed of the feature extraction here
+    python -m lem.tools.bench epoch google12 --synthetic   # and of one epoch
 
 Input: 126 steps of 80 z-scored log-mel features, input dropout --drop, LEM, linear head on y_T.
 Reported: test accuracy (%) at the epoch of best validation accuracy.
 """
+import sys
 from pathlib import Path
 
 import torch.nn.functional as F
 
-import lem
-from lem.harness import probability
-from data import CLASSES, SHA256, URL, load_splits, synthetic_splits
+if __package__ in (None, ""):  # run as a script (python google12/train.py): the checkout first on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lem.train
+from lem.train import probability
+from google12.data import CLASSES, SHA256, URL, load_splits, synthetic_splits
 
 
-class Google12(lem.Task):
+class Google12(lem.train.Task):
     name = "google12"
     metric = "accuracy"
     higher_is_better = True
     paper = 95.7
     defaults = dict(nhid=128, batch=100, lr=0.00089, dt=1.0, epochs=60, lr_decay_epoch=50, seed=5544)
     load, synthetic = staticmethod(load_splits), staticmethod(synthetic_splits)
+    input_size, output_size = 80, len(CLASSES)
 
     @staticmethod
     def add_arguments(parser):
@@ -38,12 +43,11 @@ class Google12(lem.Task):
         # float16 features stay float16 in memory (1.7 GB for training); batches are cast to float32
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
 
-    def build_model(self):
-        a = self.args
-        return lem.RNNModel(a.model, 80, a.nhid, len(CLASSES), dt=a.dt, input_dropout=a.drop, backend=a.backend)
+    def model_options(self):
+        return {"input_dropout": self.args.drop}
 
     def train_batches(self, epoch):
-        return lem.shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
+        return lem.train.shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
 
     def inputs(self, x):
         return x.float().transpose(0, 1)  # (B, 126, 80) → time-first (126, B, 80)
@@ -55,10 +59,11 @@ class Google12(lem.Task):
 
     def evaluate(self, model, split):
         x, y = self.splits[split]
+        chunk = self.eval_chunk(x.size(1))
         correct = sum((model(self.inputs(xb)).argmax(-1) == yb).sum().item()
-                      for xb, yb in zip(x.split(1000), y.split(1000)))
+                      for xb, yb in zip(x.split(chunk), y.split(chunk)))
         return {"accuracy": 100.0 * correct / len(y)}
 
 
 if __name__ == "__main__":
-    lem.run(Google12)
+    lem.train.run(Google12)

@@ -1,4 +1,4 @@
-"""BIDMC32HR heart-rate regression (SPEC §3.5), or any Monash-format regression .ts pair.
+"""BIDMC32HR heart-rate regression (docs/paper.md §3.5), or any Monash-format regression .ts pair.
 
 The Monash/UEA/UCR time-series regression archive is one zip of every dataset (Zenodo record
 3902651, the URL the reference used): downloaded once to <data_dir>/heart_rate/, resumable; only
@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from sktime.datasets import load_from_tsfile
 
-from lem.data import DataError, cached, pad_series
-from lem.download import download, extract
+from lem.data import DataError, cached
+from lem.data.series import nested_frame_series, pad_series, padded_splits
+from lem.data.download import download, extract
 
 ARCHIVE_URL = "https://zenodo.org/record/3902651/files/Monash_UEA_UCR_Regression_Archive.zip?download=1"
 ARCHIVE_NAME = "Monash_UEA_UCR_Regression_Archive.zip"
@@ -42,11 +43,14 @@ def read_ts(path):
     except Exception as e:  # sktime's TsFileParseException, OSError, ...
         raise DataError(f"{path}: not a readable regression .ts file with @targetlabel true ({e}); expected "
                          "the Monash archive's format (http://tseregression.org)") from None
-    return [np.stack([X.iat[i, c].to_numpy() for c in range(X.shape[1])], axis=1) for i in range(len(X))], y
+    try:
+        return nested_frame_series(X), y
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def split(n):
-    """Index tensors (train, valid, test) of SPEC §3.5."""
+    """Index tensors (train, valid, test) of docs/paper.md §3.5."""
     def random_split(data, fractions):
         parts = torch.utils.data.random_split(data, fractions, generator=torch.Generator().manual_seed(SPLIT_SEED))
         return [data[part.indices] for part in parts]
@@ -62,11 +66,7 @@ def build(train_file, test_file):
     (a, ya), (b, yb) = read_ts(train_file), read_ts(test_file)
     x, lengths = pad_series(a + b)
     y = torch.from_numpy(np.concatenate([ya, yb]).astype(np.float32))
-    splits = {}
-    for part, idx in split(len(y)).items():
-        n = int(lengths[idx].max())
-        splits[part] = (x[:n, idx].contiguous(), y[idx], lengths[idx])  # time-first (T, N, C)
-    return splits
+    return padded_splits(x, y, lengths, split(len(y)))
 
 
 def load_splits(data_dir, train_file=None, test_file=None):
@@ -87,7 +87,7 @@ def load_splits(data_dir, train_file=None, test_file=None):
 
 
 def synthetic_splits(data_dir, train_file=None, test_file=None, n=7949, length=4000, channels=2):
-    """What load_splits returns, for random series of BIDMC32HR's shape (SPEC §3.5) split as the real ones."""
+    """What load_splits returns, for random series of BIDMC32HR's shape (docs/paper.md §3.5) split as the real ones."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(length, n, channels, generator=g), 60 + 40 * torch.rand(n, generator=g)
     return {part: (x[:, idx].contiguous(), y[idx], torch.full((len(idx),), length)) for part, idx in split(n).items()}

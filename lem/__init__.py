@@ -1,7 +1,11 @@
-"""Long Expressive Memory (Rusch, Mishra, Erichson, Mahoney, ICLR 2022)."""
-from .model import LEM, LEMCell, RNNModel, ShapeError, load_reference_state_dict, make_rnn
-from .harness import Task, run, shuffled_batches, batches_in_order
-from .distributed import share
+"""Long Expressive Memory (Rusch, Mishra, Erichson, Mahoney, ICLR 2022): the layer.
 
-__all__ = ["LEM", "LEMCell", "RNNModel", "ShapeError", "load_reference_state_dict", "make_rnn",
-           "Task", "run", "shuffled_batches", "batches_in_order", "share"]
+    import lem
+    rnn = lem.LEM(input_size, hidden_size, num_layers=1, dt=1.0)   # nn.LSTM's interface
+
+The training harness is lem.train, the data helpers lem.data, the research tools lem.tools;
+importing lem loads none of them.
+"""
+from .nn import LEM, LEMCell, RNNModel, ShapeError, load_reference_state_dict, make_rnn
+
+__all__ = ["LEM", "LEMCell", "RNNModel", "ShapeError", "load_reference_state_dict", "make_rnn"]

@@ -1,4 +1,4 @@
-"""The LEM layer (SPEC §1) and the small models every experiment is built from.
+"""The LEM layer (docs/paper.md §1) and the small models every experiment is built from.
 
     Δt_n  = Δt · σ(W1 y_{n-1} + V1 u_n + b1)        gate of z
     Δt̄_n  = Δt · σ(W2 y_{n-1} + V2 u_n + b2)        gate of y
@@ -72,7 +72,7 @@ def _checked_state(state, shape, layout, like):
 
 
 class _LEMBase(nn.Module):
-    """Argument checks and the linears of SPEC §1 with their initialisation, for LEMCell and LEM."""
+    """Argument checks and the linears of docs/paper.md §1 with their initialisation, for LEMCell and LEM."""
 
     def __init__(self, input_size, hidden_size, bias, dt):
         super().__init__()
@@ -87,7 +87,7 @@ class _LEMBase(nn.Module):
         self.input_size, self.hidden_size, self.bias, self.dt = input_size, hidden_size, bias, float(dt)
 
     def _add_linears(self, suffix, input_size, factory):
-        """inp2hid, hid2hid, transform_z (the layout table of SPEC §1); bias=False: no bias in any."""
+        """inp2hid, hid2hid, transform_z (the layout table of docs/paper.md §1); bias=False: no bias in any."""
         H = self.hidden_size
         setattr(self, f"inp2hid{suffix}", nn.Linear(input_size, 4 * H, self.bias, **factory))
         setattr(self, f"hid2hid{suffix}", nn.Linear(H, 3 * H, self.bias, **factory))
@@ -159,7 +159,7 @@ class LEM(_LEMBase):
     """LEM layers with the interface of nn.LSTM: output, (y_n, z_n) = LEM(...)(input, state=None).
 
     Arguments as nn.LSTM's (input_size, hidden_size, num_layers, bias, batch_first, dropout between
-    layers, bidirectional), and LEM's own, keyword-only: dt (Δt of SPEC §1), state_dropout, backend.
+    layers, bidirectional), and LEM's own, keyword-only: dt (Δt of docs/paper.md §1), state_dropout, backend.
     Shapes, with D = 2 if bidirectional else 1, L = num_layers:
         input   (T, B, input_size), (B, T, input_size) with batch_first, (T, input_size) unbatched,
                 or a PackedSequence
@@ -170,14 +170,14 @@ class LEM(_LEMBase):
                 sequence from its own last step back to its first)
         state   an optional (y0, z0) of the shape of (y_n, z_n)
 
-    Parameters: layer k, direction d has the three linears of SPEC §1 named inp2hid{s},
+    Parameters: layer k, direction d has the three linears of docs/paper.md §1 named inp2hid{s},
     hid2hid{s}, transform_z{s}, with nn.LSTM's suffixes s = "_l{k}" and "_reverse", except that
     layer 0 has no "_l0": a single-layer LEM (and layer 0 of any stack) keeps the authors' names,
     so their checkpoints load unchanged. E.g. LEM(I, H, 2, bidirectional=True) has inp2hid,
     inp2hid_reverse, inp2hid_l1, inp2hid_l1_reverse (Linear(I, 4H), Linear(I, 4H), then
     Linear(2H, 4H) twice), and likewise hid2hid*, transform_z*.
 
-    state_dropout > 0 (PTB, SPEC §3.9): in training, variational dropout on the recurrent state:
+    state_dropout > 0 (PTB, docs/paper.md §3.9): in training, variational dropout on the recurrent state:
     one mask per call and per layer and direction, multiplying y_{n-1} where it enters hid2hid at
     every step; the leaky carry (1 − Δt̄_n) ⊙ y_{n-1} and the outputs are not masked.
 
@@ -360,7 +360,7 @@ def make_rnn(model, input_size, hidden_size, dt=1.0, backend="auto"):
 
 
 class RNNModel(nn.Module):
-    """Recurrent layer + linear head (SPEC §1 "Heads").
+    """Recurrent layer + linear head (docs/paper.md §1 "Heads").
 
     head='last': out = classifier(y_T)     (classification, scalar regression; y at each
                                            series' own last step with forward(x, lengths))

@@ -1,4 +1,4 @@
-"""Noisy CIFAR-10 (SPEC §3.6): an image as its 32 rows, then 968 steps of Gaussian noise (T = 1000)."""
+"""Noisy CIFAR-10 (docs/paper.md §3.6): an image as its 32 rows, then 968 steps of Gaussian noise (T = 1000)."""
 import torch
 
 ROWS, FEATURES, T = 32, 96, 1000

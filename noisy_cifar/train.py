@@ -1,4 +1,4 @@
-"""Noisy CIFAR-10 (SPEC §3.6). Paper: LEM test accuracy 60.5 %.
+"""Noisy CIFAR-10 (docs/paper.md §3.6). Paper: LEM test accuracy 60.5 %.
 
     python noisy_cifar/train.py                  # the reference's fixed noise block
     python noisy_cifar/train.py --fresh-noise    # new noise for every sample (stricter)
@@ -11,12 +11,18 @@ seeded with --seed + 1 / + 2 at each evaluation, so every evaluation sees the sa
 CIFAR-10 is downloaded by torchvision into <data>/cifar-10-batches-py; the 50000 training
 images are split 48000 / 2000 into train / valid (random_split, generator seeded with --seed).
 """
+import sys
+from pathlib import Path
+
 import torch
 
-import lem
-from lem.image_task import ImageTask
-from lem.images import load_cifar10, synthetic_cifar10
-from data import FEATURES, draw_noise_block, noisy_sequences
+if __package__ in (None, ""):  # run as a script (python noisy_cifar/train.py): the checkout first on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lem.train
+from lem.train.image_task import ImageTask
+from lem.data.images import load_cifar10, synthetic_cifar10
+from noisy_cifar.data import FEATURES, draw_noise_block, noisy_sequences
 
 
 class NoisyCIFAR(ImageTask):
@@ -55,4 +61,4 @@ class NoisyCIFAR(ImageTask):
 
 
 if __name__ == "__main__":
-    lem.run(NoisyCIFAR)
+    lem.train.run(NoisyCIFAR)

@@ -1,4 +1,4 @@
-"""Permuted sequential MNIST (SPEC §3.7): the 784 pixels in one fixed random order."""
+"""Permuted sequential MNIST (docs/paper.md §3.7): the 784 pixels in one fixed random order."""
 import json
 
 import torch

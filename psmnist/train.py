@@ -1,4 +1,4 @@
-"""Permuted sequential MNIST (SPEC §3.7). Paper: LEM test accuracy 96.6 %.
+"""Permuted sequential MNIST (docs/paper.md §3.7). Paper: LEM test accuracy 96.6 %.
 
     python psmnist/train.py
 
@@ -6,10 +6,15 @@ As sMNIST, with the pixels reordered by one permutation torch.randperm(784) draw
 seeding (so fixed by --seed), saved as permutation.json in the run folder; psmnist/data.py's
 load_permutation reads it back to re-evaluate a run's checkpoint.
 """
-import lem
-from lem.image_task import ImageTask
-from lem.images import load_mnist, synthetic_mnist
-from data import draw_permutation, permuted_sequences, save_permutation
+import sys
+from pathlib import Path
+if __package__ in (None, ""):  # run as a script (python psmnist/train.py): the checkout first on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lem.train
+from lem.train.image_task import ImageTask
+from lem.data.images import load_mnist, synthetic_mnist
+from psmnist.data import draw_permutation, permuted_sequences, save_permutation
 
 
 class PermutedMNIST(ImageTask):
@@ -34,4 +39,4 @@ class PermutedMNIST(ImageTask):
 
 
 if __name__ == "__main__":
-    lem.run(PermutedMNIST)
+    lem.train.run(PermutedMNIST)

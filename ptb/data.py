@@ -1,4 +1,4 @@
-"""Penn Treebank, Mikolov's splits (SPEC §3.9, §4): word level (10k vocabulary with <unk>) and
+"""Penn Treebank, Mikolov's splits (docs/paper.md §3.9, §4): word level (10k vocabulary with <unk>) and
 character level (characters separated by spaces, `_` between words). Each line ends with <eos>.
 
 Word files come from the plain-text mirror every PyTorch LM example uses, checked against the MD5s
@@ -18,7 +18,7 @@ import torch
 
 from lem.atomic import write_text
 from lem.data import DataError
-from lem.download import by_hand, download
+from lem.data.download import by_hand, download
 
 SPLITS = ("train", "valid", "test")
 EOS, UNK = "<eos>", "<unk>"

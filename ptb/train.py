@@ -1,10 +1,10 @@
-"""PTB language modelling, word or character level (SPEC §3.9). Paper: test perplexity 72.8
+"""PTB language modelling, word or character level (docs/paper.md §3.9). Paper: test perplexity 72.8
 (word), test bits per character 1.25 (char), one LEM layer each.
 
     python ptb/train.py --level word
     python ptb/train.py --level char
     python ptb/train.py --level word --max-steps 2000     # a short run
-    python -m lem.bench epoch ptb --level char --synthetic --no-eval   # training tokens/s here
+    python -m lem.tools.bench epoch ptb --level char --synthetic --no-eval   # training tokens/s here
 
 embedding → dropout → LEM (Δt = --dt, 1 in the paper; z-gate bias +1; variational dropout on y)
 → dropout → decoder (tied to the embedding at word level). The training corpus is read as `batch`
@@ -12,12 +12,13 @@ parallel streams in windows of `bptt` tokens, the state carried (detached) from 
 next. One "turn" (a harness epoch in the logs, what --epochs counts) is `eval_every` = 200 steps;
 after each turn the whole validation and test splits are evaluated deterministically.
 
-Weight averaging (SPEC §3.9): once validation has not improved for `avg_patience` turns, or at
+Weight averaging (docs/paper.md §3.9): once validation has not improved for `avg_patience` turns, or at
 turn `avg_latest` at the latest, the run switches to the arithmetic mean of the weights after
 every later step (torch.optim.swa_utils.AveragedModel) and evaluates with it. Our stopping rule
 (the reference's could not be checked): the run ends when the averaged model's validation has
 not improved for `avg_patience` turns, or after --epochs turns, or after --max-steps steps.
 """
+import sys
 import argparse
 import math
 from pathlib import Path
@@ -27,22 +28,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
-import lem
-from lem.harness import at_least, probability
-from data import batchify, eval_streams, load_corpus, num_windows, synthetic_corpus, window
+if __package__ in (None, ""):  # run as a script (python ptb/train.py): the checkout first on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lem.train
+from lem.train import at_least, probability
+from ptb.data import batchify, eval_streams, load_corpus, num_windows, synthetic_corpus, window
 
 
 class LanguageModel(nn.Module):
-    """embedding → input dropout → LEM → output dropout → decoder (SPEC §3.9)."""
+    """embedding → input dropout → LEM → output dropout → decoder (docs/paper.md §3.9)."""
 
-    def __init__(self, vocab_size, emsize, nhid, dropout_in, dropout_out, dropout_state, tie_weights, dt=1.0,
-                 backend="auto"):
+    def __init__(self, vocab_size, emsize, nhid, dropout_in, dropout_out, dropout_state, tie_weights, **layer_options):
         super().__init__()
         if tie_weights and emsize != nhid:
             raise ValueError(f"tied embedding and decoder need --emsize == --nhid, got {emsize} and {nhid}")
         self.embedding = nn.Embedding(vocab_size, emsize)
         self.input_dropout = nn.Dropout(dropout_in)
-        self.rnn = lem.LEM(emsize, nhid, dt=dt, state_dropout=dropout_state, backend=backend)
+        self.rnn = lem.LEM(emsize, nhid, state_dropout=dropout_state, **layer_options)  # dt, backend
         self.output_dropout = nn.Dropout(dropout_out)
         self.decoder = nn.Linear(nhid, vocab_size)
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
@@ -67,7 +70,7 @@ def l2_penalty(model):
     return sum(p.pow(2).sum() for p in model.parameters()) / 2
 
 
-class PTB(lem.Task):
+class PTB(lem.train.Task):
     name = "ptb"
     higher_is_better = False
     models = ("lem",)
@@ -123,7 +126,7 @@ class PTB(lem.Task):
     def build_model(self):
         a = self.args
         model = LanguageModel(len(self.vocab), a.emsize, a.nhid, a.dropout_in, a.dropout_out, a.dropout_state,
-                              a.tie_weights, a.dt, a.backend).to(self.device)
+                              a.tie_weights, **self.layer_options()).to(self.device)
         self.averaged = AveragedModel(model)  # the arithmetic mean (its default), filled once averaging starts
         return model
 
@@ -214,4 +217,4 @@ def task_for(argv=None):
 
 
 if __name__ == "__main__":
-    lem.run(task_for())
+    lem.train.run(task_for())

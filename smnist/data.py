@@ -1,4 +1,4 @@
-"""Sequential MNIST (SPEC §3.8): each image read pixel by pixel, row by row: 784 steps of 1 feature."""
+"""Sequential MNIST (docs/paper.md §3.8): each image read pixel by pixel, row by row: 784 steps of 1 feature."""
 
 
 def pixel_sequences(images):

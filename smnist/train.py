@@ -1,17 +1,22 @@
-"""Sequential MNIST (SPEC §3.8). Paper: LEM test accuracy 99.5 %.
+"""Sequential MNIST (docs/paper.md §3.8). Paper: LEM test accuracy 99.5 %.
 
     python smnist/train.py               # H = 128, the reference's default
     python smnist/train.py --nhid 256    # the paper's 256-unit run
 
-MNIST is downloaded by torchvision into <data>/MNIST/raw (see lem/images.py; the task sMNIST,
-psMNIST and noisy CIFAR share: lem/image_task.py). The 60000 training images are split
+MNIST is downloaded by torchvision into <data>/MNIST/raw (see lem/data/images.py; the task sMNIST,
+psMNIST and noisy CIFAR share: lem/train/image_task.py). The 60000 training images are split
 57000 / 3000 into train / valid (random_split, generator seeded with --seed); the test set is
-MNIST's 10000. Epoch time here: python -m lem.bench epoch smnist --synthetic (docs/images.md).
+MNIST's 10000. Epoch time here: python -m lem.tools.bench epoch smnist --synthetic (docs/images.md).
 """
-import lem
-from lem.image_task import ImageTask
-from lem.images import load_mnist, synthetic_mnist
-from data import pixel_sequences
+import sys
+from pathlib import Path
+if __package__ in (None, ""):  # run as a script (python smnist/train.py): the checkout first on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lem.train
+from lem.train.image_task import ImageTask
+from lem.data.images import load_mnist, synthetic_mnist
+from smnist.data import pixel_sequences
 
 
 class SequentialMNIST(ImageTask):
@@ -28,4 +33,4 @@ class SequentialMNIST(ImageTask):
 
 
 if __name__ == "__main__":
-    lem.run(SequentialMNIST)
+    lem.train.run(SequentialMNIST)

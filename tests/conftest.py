@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
-
-# Test this checkout's lem package, whatever `pip install -e` points at.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+"""tests/ mirrors the package: layer/, kernels/, train/, data/, experiments/, tools/. Shared
+helpers and assertions live in tests/helpers.py (importable by name: pytest puts this folder on
+sys.path); the checkout itself is on sys.path through pyproject.toml's pythonpath."""

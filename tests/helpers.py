@@ -1,12 +1,11 @@
-"""Shared test utilities: run an experiment's train.py as a user would, load a module by path."""
+"""Shared test utilities: run an experiment's train.py as a user would, read its run folder."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from lem.experiments import load_file as load_module  # noqa: F401  (import <repo>/<path> under a unique name)
-from lem.runlog import REPO_ROOT as REPO
+REPO = Path(__file__).resolve().parents[1]  # the checkout under test
 
 
 def train_env(**extra):

@@ -1,16 +1,14 @@
-"""What every experiment's data code shares: DataError, the one data folder, the processed-data
-cache, and padded series."""
+"""What every experiment's data code shares: DataError, the one data folder and the
+processed-data cache."""
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import atomic
-from .runlog import REPO_ROOT
+from .. import atomic, checkout
 
 
 class DataError(ValueError):
@@ -20,8 +18,9 @@ class DataError(ValueError):
 
 
 def data_dir(path=None):
-    """--data-dir if given, else $LEM_DATA, else data/ at the repository root (never the cwd)."""
-    chosen = path or os.environ.get("LEM_DATA") or REPO_ROOT / "data"
+    """--data-dir if given, else $LEM_DATA, else data/ at the root of the checkout the current folder
+    is in, else data/ in the current folder."""
+    chosen = path or os.environ.get("LEM_DATA") or (checkout.root() or Path.cwd()) / "data"
     return Path(chosen).expanduser().resolve()
 
 
@@ -64,27 +63,3 @@ def cached(path, build, sources=(), params=None, notes=None):
         manifest["notes"] = notes(result)
     atomic.write_json(manifest_file, manifest)
     return result
-
-
-def pad_series(series):
-    """Series of shapes (T_i, C) → (x, lengths): x (max T_i, N, C) float32, time-first, zero after
-    each series' end; lengths (N,). Trailing NaNs (how some .ts files pad) end a series early."""
-    arrays, lengths = [], []
-    for i, s in enumerate(series):
-        s = np.asarray(s, dtype=np.float32)
-        real = np.flatnonzero(~np.isnan(s).all(axis=1))
-        s = s[:real[-1] + 1] if len(real) else s[:0]
-        if len(s) == 0 or np.isnan(s).any():
-            raise DataError(f"series {i} is empty or has missing values (NaN) before its end; "
-                            "expected numbers up to each series' last step")
-        arrays.append(torch.from_numpy(s))
-        lengths.append(len(s))
-    x = torch.nn.utils.rnn.pad_sequence(arrays)  # (T, N, C), zeros after each end
-    return x, torch.tensor(lengths)
-
-
-def padded_batch(x, lengths, idx):
-    """Series idx of a zero-padded time-first tensor, cut to the batch's longest one (no step is
-    run on padding only): (x[:n, idx], lengths[idx])."""
-    n = int(lengths[idx].max())
-    return x[:n, idx], lengths[idx]

@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from .data import DataError, file_digest
+from .cache import DataError, file_digest
 
 
 def by_hand(url, path):

@@ -1,5 +1,5 @@
 """MNIST and CIFAR-10 decoded into uint8 tensors, for sMNIST, psMNIST and noisy CIFAR-10
-(SPEC §3.6-3.8; the task they share: lem/image_task.py).
+(docs/paper.md §3.6-3.8; the task they share: lem/train/image_task.py).
 
 Files live where torchvision puts them, under one data folder (lem.data.data_dir()):
     <data>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
@@ -18,7 +18,7 @@ from torchvision.datasets import CIFAR10, MNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import check_md5
 
-from .data import DataError
+from .cache import DataError
 
 
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -143,7 +143,7 @@ def split_train_valid(n, n_valid, seed):
 
 def synthetic(shape, n_train, n_test):
     """A stand-in for load_mnist / load_cifar10 of the real sizes, random pixels and labels
-    (python -m lem.bench epoch --synthetic: timing without the files)."""
+    (python -m lem.tools.bench epoch --synthetic: timing without the files)."""
     def load(root):
         g = torch.Generator().manual_seed(0)
         return {split: (torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g),

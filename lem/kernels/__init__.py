@@ -1,6 +1,6 @@
-"""Backends of the LEM time loop; all compute SPEC §1 exactly (docs/kernels.md).
+"""Backends of the LEM time loop; all compute docs/paper.md §1 exactly (docs/kernels.md).
 
-    reference  the autograd loop in lem/model.py (the ground truth of the tests)
+    reference  the autograd loop in lem/nn.py (the ground truth of the tests)
     cpp        fused CPU path: forward and backward loops in C++ (lem_cpu.cpp), built on first use
     triton     fused GPU path (gpu.py), in the fastest of its tiers that fits the call and the GPU:
     onchip       one Triton launch for all T steps, weights in shared memory (onchip.py)
@@ -65,7 +65,7 @@ def resolve(name, device, hidden_size=1, dtype=torch.float32, gpu=None):
 # (the device, size and dtype it depends on are guarded by the graph anyway; a tier that fails later
 # is left by the GPU operator itself, inside the graph), instead of tracing the build, the GPU query
 # and the tier tables. This is what torch.compiler.assume_constant_result(resolve) does, without
-# importing torch._dynamo with lem (~2 s); tests/test_compile.py checks that it still is.
+# importing torch._dynamo with lem (~2 s); tests/layer/test_compile.py checks that it still is.
 resolve._dynamo_marked_constant = True
 
 

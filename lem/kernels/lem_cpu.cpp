@@ -1,4 +1,4 @@
-// Fused CPU LEM (SPEC §1): the whole layer, forward and backward, in one C++ call each.
+// Fused CPU LEM (docs/paper.md §1): the whole layer, forward and backward, in one C++ call each.
 //
 // The input projection x W_in^T is computed as the loop goes (per step and block of rows, or per block
 // of steps), never as one (T, B, 4H) buffer. Per step the two recurrent products (y_{n-1} into
@@ -16,7 +16,7 @@
 // Layouts (chunks of H): inp2hid (4H) and the saved activations = [gate y, gate z, cand y, cand z];
 // hid2hid (3H) = [gate y, gate z, cand z]; transform_z (H) = cand y.
 //
-// Per-row lengths (a PackedSequence, lem/model.py): row b runs lengths[b] steps; after them its y and
+// Per-row lengths (a PackedSequence, lem/nn.py): row b runs lengths[b] steps; after them its y and
 // z stay as they are (the outputs repeat y), its activations are not computed, and in backward
 // its rows of d u_proj are zero (so the weight gradients get nothing from those steps) while
 // dL/dy_n flows unchanged into the frozen state. Every loop takes this as a template flag LEN,
@@ -295,7 +295,7 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, T* __restr
 
 // ---- the elementwise half-steps of one batch row ----
 // u: the row's 4H of x W_in^T; h: its y_{n-1} ⊙ mask times W_hh^T (3H); bias: all biases summed in
-// the chunk order of u_proj (4H, SPEC §1: both linears' biases add up); act: the row's 4H saved
+// the chunk order of u_proj (4H, docs/paper.md §1: both linears' biases add up); act: the row's 4H saved
 // activations [σ gate y, σ gate z, tanh cand y, tanh cand z], the same order.
 // Backward needs only these four values per unit, so it does no exp/tanh of its own.
 template <typename T>

@@ -5,7 +5,7 @@ H x H recurrent weight blocks once, before its time loop; Triton keeps them on c
 memory as the operand of tl.dot, which the loop reuses), so a step reads from global memory only
 its inputs and writes only its outputs. That needs 4·H² weights per program: the dispatcher
 (gpu.py) sends a call here only where `shared_memory` is within the GPU's shared memory per
-block (an upper bound that tests/test_fit.py checks against what Triton allocates).
+block (an upper bound that tests/kernels/test_fit.py checks against what Triton allocates).
 
 Layouts (gpu.py): u_proj and the saved activations are (T, B, 4H) in the order
 [gate y, gate z, cand z, cand y]; ys, zs are (T + 1, B, H) with y_0, z_0 as step 0. With per-row

@@ -1,11 +1,10 @@
-"""Timing, in one place: python -m lem.bench kernels | epoch | features.
+"""Timing of the layer and of the experiments' epochs: python -m lem.tools.bench kernels | epoch.
 
-    python -m lem.bench kernels                        # every configuration, CPU and (if present) CUDA
-    python -m lem.bench kernels --devices cuda         # CUDA: the reference loop, each GPU tier, nn.LSTM (cuDNN)
-    python -m lem.bench kernels --configs fhn smnist_h128 --devices cpu --threads 1
-    python -m lem.bench epoch smnist --synthetic --batches 6 --nhid 256   # one epoch of an experiment
-    python -m lem.bench epoch ptb --level char --synthetic --no-eval      # PTB: training tokens/s
-    python -m lem.bench features --clips 2000          # Google12's feature extraction, clips/s
+    python -m lem.tools.bench kernels                        # every configuration, CPU and (if present) CUDA
+    python -m lem.tools.bench kernels --devices cuda         # CUDA: the reference loop, each GPU tier, nn.LSTM (cuDNN)
+    python -m lem.tools.bench kernels --configs fhn smnist_h128 --devices cpu --threads 1
+    python -m lem.tools.bench epoch smnist --synthetic --batches 6 --nhid 256   # one epoch of an experiment
+    python -m lem.tools.bench epoch ptb --level char --synthetic --no-eval      # PTB: training tokens/s
 
 kernels: the LEM layer alone. For each configuration and device, wall times (median of several
 runs after a warm-up; the backends take turns in every round, so that other load on a shared
@@ -19,15 +18,13 @@ machine hits all of them alike) with their ratios to nn.LSTM of the same hidden 
 
 epoch: an experiment's real Task, made from its own train.py flags (the paper's settings unless
 given after the experiment's name, --backend and --device included) exactly as training makes it,
-its model and Adam; times --batches training steps of the harness (lem.harness.train_step) after
---warmup ones, and one evaluation of the splits an epoch evaluates (harness.evaluate), by the wall
+its model and Adam; times --batches training steps of the harness (lem.train.loop.train_step) after
+--warmup ones, and one evaluation of the splits an epoch evaluates (lem.train.loop.evaluate), by the wall
 clock and by this process's CPU time, and adds them up to one epoch. Also: the part of a step spent
 outside the model (reading the batch, the loss), timed by replaying the model's output. With
 --synthetic the task's files are replaced by random data of the real sizes (Task.synthetic).
 
-features: Google12's feature extraction (google12/data.py's compute_features: read WAV, log-mel,
-cast) on synthetic clips in the archive's format (16 kHz 16-bit mono): 90 % of 1 s, 10 % shorter,
-each of its own length (the worst case for batching by length).
+Google12's feature extraction is timed by google12/time_features.py.
 """
 import argparse
 import ctypes
@@ -36,19 +33,19 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from . import experiments, harness, kernels
-from .kernels import cpu
-from .model import LEM
+from .. import checkout, kernels
+from ..kernels import cpu
+from ..nn import LEM
+from ..train import cli, loop
+from ..train.cli import at_least
+from . import experiments
 
-# name: (T, B, H, I), SPEC §3
+# name: (T, B, H, I), docs/paper.md §3
 CONFIGS = {
     "smnist_h128": (784, 128, 128, 1),
     "smnist_h256": (784, 128, 256, 1),
@@ -254,10 +251,10 @@ def epoch_main(args, argv):
         if task_cls.synthetic is None:
             raise SystemExit(f"{args.experiment} reads no data files (its data are generated): leave out --synthetic")
         task_cls = type(task_cls.__name__, (task_cls,), {"load": staticmethod(task_cls.synthetic)})
-    a = harness.parse_args(task_cls, argv)
-    task = harness.make_task(task_cls, a)
+    a = cli.parse_args(task_cls, argv)
+    task = loop.make_task(task_cls, a)
     device = task.device
-    model, optimizer = harness.make_model(task, a)
+    model, optimizer = loop.make_model(task, a)
     epoch_keys = task.train_batches(0)
     keys, epoch = list(epoch_keys), 1
     while len(keys) < args.warmup + args.batches:
@@ -267,7 +264,7 @@ def epoch_main(args, argv):
     steps, outside = [], []
     for i, key in enumerate(keys[:args.warmup + args.batches]):
         start = clock(device)
-        harness.train_step(task, model, optimizer, key, a.grad_norm)
+        loop.train_step(task, model, optimizer, key, a.grad_norm)
         step = since(start, device)
         start = clock(device)
         task.loss(Replay(last["output"]), key)
@@ -289,7 +286,7 @@ def epoch_main(args, argv):
     total = [len(epoch_keys) * t for t in step]
     if not args.no_eval:
         start = clock(device)
-        harness.evaluate(task, model)
+        loop.evaluate(task, model)
         evaluation = since(start, device)
         print(f"  evaluation of {', '.join(task.eval_splits)}: {evaluation[0]:.1f} s wall, {evaluation[1]:.1f} s CPU")
         total = [t + e for t, e in zip(total, evaluation)]
@@ -297,38 +294,8 @@ def epoch_main(args, argv):
           f"{total[0] / 60:.1f} min wall, {total[1]:.1f} s = {total[1] / 60:.1f} min CPU", flush=True)
 
 
-def synthetic_clips(folder, n, seed=0):
-    """n WAV files as the archive holds them: 90 % of 1 s, 10 % shorter; [(path, 0, None, label 0)]."""
-    import soundfile
-
-    rng = np.random.default_rng(seed)
-    clips = []
-    for i in range(n):
-        length = 16000 if rng.random() < 0.9 else int(rng.integers(8000, 16000))
-        path = Path(folder) / f"{i:08x}_nohash_0.wav"
-        soundfile.write(path, rng.normal(0, 0.1, length).astype(np.float32), 16000, subtype="PCM_16")
-        clips.append((path, 0, None, 0))
-    return clips
-
-
-def features_main(args):
-    data = experiments.load_file("google12/data.py")
-    device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        clips = synthetic_clips(tmp, args.clips)
-        data.compute_features(clips[:64], device)  # warm-up
-        start = clock(device)
-        data.compute_features(clips, device)
-        rate = [args.clips / t for t in since(start, device)]
-    total = sum(data.SIZES.values())
-    print(f"Google12 feature extraction on {device}, {torch.get_num_threads()} torch threads, load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {args.clips} clips")
-    for k, name in enumerate(("wall clock", "CPU time")):
-        print(f"  {name}: {rate[k]:.0f} clips/s; all {total:,} clips of the three splits: {total / rate[k] / 60:.1f} min, once")
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lem.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lem.tools.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     k = sub.add_parser("kernels", help="the LEM backends against the reference loop and nn.LSTM")
@@ -337,17 +304,14 @@ def main(argv=None):
     k.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
     k.add_argument("--budget", type=float, default=60.0,
                    help="fewer repeats when they would take more than this many s per configuration")
-    e = sub.add_parser("epoch", allow_abbrev=False, usage="python -m lem.bench epoch EXPERIMENT [options] [train.py flags]",
+    e = sub.add_parser("epoch", allow_abbrev=False, usage="python -m lem.tools.bench epoch EXPERIMENT [options] [train.py flags]",
                        help="one epoch of an experiment; flags after its name go to its train.py")
-    e.add_argument("experiment", choices=experiments.EXPERIMENTS)
-    e.add_argument("--batches", type=harness.at_least(1), default=5, help="timed training steps (median)")
-    e.add_argument("--warmup", type=harness.at_least(0), default=2, help="untimed training steps first")
+    e.add_argument("experiment", help="an experiment folder of the checkout: smnist, ptb, ...")
+    e.add_argument("--batches", type=at_least(1), default=5, help="timed training steps (median)")
+    e.add_argument("--warmup", type=at_least(0), default=2, help="untimed training steps first")
     e.add_argument("--synthetic", action="store_true", help="random data of the real sizes instead of the files")
     e.add_argument("--no-eval", action="store_true", help="leave out the evaluation (e.g. PTB's, minutes long)")
-    f = sub.add_parser("features", help="Google12's feature extraction")
-    f.add_argument("--clips", type=harness.at_least(1), default=2000)
-    f.add_argument("--device", default="cpu")
-    for q in (k, e, f):
+    for q in (k, e):
         q.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args, rest = p.parse_known_args(argv)
     if args.command != "epoch" and rest:
@@ -356,10 +320,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.command == "kernels":
         kernels_main(args)
-    elif args.command == "epoch":
-        epoch_main(args, rest)
     else:
-        features_main(args)
+        try:
+            epoch_main(args, rest)
+        except (checkout.NotACheckout, ValueError) as e:
+            p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Re-run a recorded run and check it gives the recorded figures:
 
-    python -m lem.reproduce docs/runs/fitzhugh_nagumo/lem_h16_seed1234            # the whole run
-    python -m lem.reproduce docs/runs/fitzhugh_nagumo/lem_h16_seed1234 --epochs 3 # its first 3 epochs
+    python -m lem.tools.reproduce docs/runs/fitzhugh_nagumo/lem_h16_seed1234            # the whole run
+    python -m lem.tools.reproduce docs/runs/fitzhugh_nagumo/lem_h16_seed1234 --epochs 3 # its first 3 epochs
 
 Runs the command recorded in the run's config.json ("rerun": its train.py with every
 hyper-parameter, the seed and the backend) on the recorded device with as many torch threads,
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .runlog import REPO_ROOT
+from .. import checkout
 
 
 def read_records(run_dir):
@@ -38,14 +38,15 @@ def rerun(run_dir, epochs=None, data_dir=None):
         if "--epochs" not in argv:
             raise SystemExit(f"{run_dir}: this experiment counts iterations, not epochs; re-run it whole")
         argv[argv.index("--epochs") + 1] = str(epochs)
-    data_dir = data_dir or REPO_ROOT / config["args"]["data_dir"]  # recorded relative to the repository, or absolute
+    root = checkout.required_root()
+    data_dir = data_dir or root / config["args"]["data_dir"]  # recorded relative to the checkout, or absolute
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, str(REPO_ROOT / argv[0]), *argv[1:], "--device", config["device"],
+        command = [sys.executable, str(root / argv[0]), *argv[1:], "--device", config["device"],
                    "--data-dir", str(data_dir), "--out-dir", out, "--run-name", "rerun"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(config.get("torch_threads", 1)),
-                   PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, OMP_NUM_THREADS=str(config.get("torch_threads", 1)))
         print("running:", " ".join(command[1:]), flush=True)
-        subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
+        if subprocess.run(command, cwd=root, env=env).returncode != 0:
+            raise SystemExit(f"the re-run of {run_dir} failed (its output is above)")
         return read_records(Path(out) / "rerun")
 
 
@@ -66,8 +67,11 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None, help="re-run and compare only the first N epochs")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="default: the folder the run recorded")
     args = p.parse_args(argv)
-    recorded = read_records(args.run_dir)
-    repeated = rerun(args.run_dir, args.epochs, args.data_dir)
+    try:
+        recorded = read_records(args.run_dir)
+        repeated = rerun(args.run_dir, args.epochs, args.data_dir)
+    except (OSError, ValueError, KeyError, checkout.NotACheckout) as e:
+        p.exit(2, f"cannot re-run {args.run_dir}: {e}\n")
     if len(repeated) < (args.epochs or len(recorded)):
         sys.exit(f"the re-run stopped after {len(repeated)} records")
     wrong = differences(recorded, repeated)

@@ -1,4 +1,4 @@
-"""Summarise runs: python -m lem.results [DIR ...] [--markdown] [--plot FILE]
+"""Summarise runs: python -m lem.tools.results [DIR ...] [--markdown] [--plot FILE]
 
 Finds every summary.json under the given folders (default: every experiment's results/),
 groups the runs that differ only by seed, and prints experiment, model, number of seeds,
@@ -11,8 +11,8 @@ import re
 import statistics
 from pathlib import Path
 
-from .harness import RUN_ONLY_FLAGS
-from .runlog import REPO_ROOT
+from .. import checkout
+from ..train.cli import RUN_ONLY_FLAGS
 
 NOT_HYPERPARAMETERS = RUN_ONLY_FLAGS | {"seed"}  # runs that differ only in these are one setting
 
@@ -167,15 +167,21 @@ def plot(runs, path, x_axis="epoch"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dirs", nargs="*", help="folders to search for runs (default: <repo>/*/results)")
+    p.add_argument("dirs", nargs="*", help="folders to search for runs (default: <checkout>/*/results)")
     p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     p.add_argument("--plot", metavar="FILE", help="save the learning curves of the runs found to FILE (.png, .pdf, .svg)")
     p.add_argument("--x-axis", dest="x_axis", choices=["epoch", "step"], default="epoch", help="x axis of --plot")
     args = p.parse_args(argv)
-    folders = args.dirs or sorted(REPO_ROOT.glob("*/results"))
+    if args.dirs:
+        folders = args.dirs
+    else:
+        try:
+            folders = sorted(checkout.required_root().glob("*/results"))
+        except checkout.NotACheckout as e:
+            p.exit(2, f"{e}, or name the folders of runs to read\n")
     runs = load_runs(folders)
     if not runs:
-        print("no runs found under " + ", ".join(map(str, folders)))
+        print("no runs found under " + (", ".join(map(str, folders)) or "<checkout>/*/results: no experiment has run yet"))
         return
     rows = summarise(runs)
     print(format_markdown(rows) if args.markdown else format_table(rows))

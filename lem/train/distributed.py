@@ -9,6 +9,7 @@ path of one process up to float rounding. Without torchrun (WORLD_SIZE unset) ev
 here is the identity of a single process and no process group is made.
 """
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -131,3 +132,8 @@ def gather(obj):
     objs = [None] * world_size()
     dist.all_gather_object(objs, obj, group=_cpu_group)
     return objs
+
+
+def fail(message):
+    """Stop with exit code 1 and no traceback: rank 0 prints message, the other processes stop quietly."""
+    sys.exit(message if is_main() else 1)

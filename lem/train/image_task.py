@@ -1,15 +1,15 @@
-"""The task sMNIST, psMNIST and noisy CIFAR-10 share (SPEC §3.6-3.8): a 10-class image dataset
+"""The task sMNIST, psMNIST and noisy CIFAR-10 share (docs/paper.md §3.6-3.8): a 10-class image dataset
 read as a sequence, its last state y_T classified.
 
-Each dataset is decoded once (lem/images.py) into uint8 tensors that stay on the training device;
+Each dataset is decoded once (lem/data/images.py) into uint8 tensors that stay on the training device;
 a batch is an index tensor, and its pixel sequences (T, B, I) are built on the device when the
 batch is used (`ImageTask.sequences`). There is no DataLoader and no per-item transform.
 """
 import torch.nn.functional as F
 
-from .harness import Task, at_least, shuffled_batches
-from .images import split_train_valid
-from .model import RNNModel
+from ..data.images import split_train_valid
+from .cli import at_least
+from .task import Task, shuffled_batches
 
 
 class ImageTask(Task):
@@ -19,9 +19,8 @@ class ImageTask(Task):
 
     metric = "accuracy"          # in %
     higher_is_better = True
-    input_size = None
-    valid_size = None            # SPEC: the size of the validation part cut from the training set
-    eval_chunk = 500             # images per forward pass in evaluation (0.2-0.4 GB of layer outputs)
+    output_size = 10
+    valid_size = None            # the size of the validation part cut from the training set (docs/paper.md §3.6-3.8)
 
     @classmethod
     def add_arguments(cls, parser):
@@ -40,10 +39,6 @@ class ImageTask(Task):
                        "test": data["test"]}
         self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
 
-    def build_model(self):
-        a = self.args
-        return RNNModel(a.model, self.input_size, a.nhid, 10, dt=a.dt, backend=a.backend)
-
     def train_batches(self, epoch):
         return shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
 
@@ -55,8 +50,8 @@ class ImageTask(Task):
     def evaluate(self, model, split):
         images, labels = self.splits[split]
         correct, loss = 0, 0.0
-        for start in range(0, len(labels), self.eval_chunk):
-            x, y = images[start:start + self.eval_chunk], labels[start:start + self.eval_chunk]
+        chunk = self.eval_chunk(self.sequences(images[:1]).size(0))
+        for x, y in zip(images.split(chunk), labels.split(chunk)):
             logits = model(self.sequences(x))
             correct += (logits.argmax(-1) == y).sum().item()
             loss += F.cross_entropy(logits, y, reduction="sum").item()

@@ -1,18 +1,22 @@
-"""What a run folder holds besides its files' writing (lem/atomic.py): the folder's lock,
-checkpoints verified on loading, and what config.json and log.txt record (the environment,
-paths relative to the repository, log lines). REPO_ROOT is the repository's folder."""
+"""The run folder <experiment>/results/<run-name>/ and everything written into it: its lock (one
+process per run), checkpoints (rotated, verified on loading), config.json, log.jsonl/log.txt and
+summary.json, with paths relative to the repository. Files are written atomically (lem/atomic.py).
+"""
+import contextlib
 import fcntl
 import importlib.metadata
+import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from .. import atomic, checkout
+from . import distributed
+from .distributed import fail
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_checkpoint(path, keys, map_location=None):
@@ -48,21 +52,21 @@ def lock(path):
     return fd
 
 
-def portable(path):
-    """A path as a record keeps it: relative to the repository when inside it, so that run
+def portable(path, root):
+    """A path as a record keeps it: relative to the checkout `root` when inside it, so that run
     records copied elsewhere (docs/runs) name no folder of the machine that ran them."""
     if path is None:
         return None
     resolved = Path(path).resolve()
-    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
 
 
-def portable_args(args):
+def portable_args(args, root):
     """The arguments of a run with its folders made portable (see portable)."""
-    return {k: portable(v) if k in ("data_dir", "out_dir") else v for k, v in args.items()}
+    return {k: portable(v, root) if k in ("data_dir", "out_dir") else v for k, v in args.items()}
 
 
-def environment(device):
+def environment(device, root):
     """What config.json records beside the arguments: versions, commit, hardware."""
     import numpy
 
@@ -72,11 +76,7 @@ def environment(device):
             versions[name] = importlib.metadata.version(name)  # without importing it (sktime takes seconds)
         except importlib.metadata.PackageNotFoundError:
             pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = checkout.git_commit(root)
     device = torch.device(device)
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
@@ -84,7 +84,7 @@ def environment(device):
         hardware = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return {"versions": versions, "git_commit": commit, "device": str(device), "hardware": hardware,
             "torch_threads": torch.get_num_threads(),
-            "command": " ".join([portable(sys.argv[0]), *sys.argv[1:]])}
+            "command": " ".join([portable(sys.argv[0], root), *sys.argv[1:]])}
 
 
 def format_record(record):
@@ -98,3 +98,144 @@ def format_record(record):
         else:
             parts.append(f"{key}={value}")
     return " ".join(parts)
+
+
+LOCK_FILE = "run.lock"
+CHECKPOINT_KEYS = ("model", "optimizer", "task", "rng", "state", "args")
+
+
+class Run:
+    """The run folder <experiment>/results/<run-name>/ and everything written into it (by rank 0 only).
+
+    While a process trains the run, it (rank 0 under torchrun) holds the folder's lock: one
+    process per run. A failed write stops every process and leaves the files it replaced whole."""
+
+    def __init__(self, folder, task_cls):
+        self.folder = Path(folder)
+        self.task_cls = task_cls
+        self.checkpoint = self.folder / "checkpoint.pt"
+        self.previous = self.folder / "checkpoint.prev.pt"  # the one before, for when the newest is damaged
+        self._lock = None
+
+    @contextlib.contextmanager
+    def claimed(self, resume):
+        """Hold the run folder. Every process stops (rank 0 says why) when another process trains
+        this run, when the folder holds a run and resume is off, or holds no checkpoint and it is on."""
+        try:
+            problem = self._claim(resume) if distributed.is_main() else None
+            if distributed.anyone(problem is not None):
+                fail(problem)
+            yield
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)  # releases the lock (--seeds: the next run has its own folder)
+                self._lock = None
+
+    def _claim(self, resume):
+        """Take the folder's lock before anything is written there; what forbids training here, if anything."""
+        if resume and not self.folder.is_dir():
+            return f"--resume: no checkpoint at {self.checkpoint}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"cannot make the run folder {self.folder}: {e.strerror or e}"
+        lock_file = self.folder / LOCK_FILE
+        try:
+            self._lock = lock(lock_file)
+        except BlockingIOError:
+            holder = lock_file.read_text().strip() or "(PID not yet written)"
+            return (f"{self.folder} is in use: process {holder} is training this run and holds its lock ({lock_file}). "
+                    f"Two processes on one run would overwrite each other's checkpoint and logs, so this one stops. "
+                    f"Wait for that process to end (--resume then continues the run), or give this one "
+                    f"another --run-name or --seed.")
+        except OSError as e:  # a file system without locks, e.g. Lustre mounted with -o noflock
+            print(f"warning: cannot lock {lock_file} ({e.strerror}); nothing keeps a second process off this run",
+                  file=sys.stderr)
+        else:
+            atomic.remove_leftovers(self.folder)
+        saved = self.checkpoint.exists() or self.previous.exists()
+        if saved and not resume:
+            return f"{self.folder} already holds a run: pass --resume to continue it, or --run-name for a new one"
+        if resume and not saved:
+            return f"--resume: no checkpoint at {self.checkpoint}"
+        return None
+
+    def write(self, what, write):
+        """write() on rank 0. If it fails (disk full, read-only folder), every process stops."""
+        error = None
+        if distributed.is_main():
+            try:
+                write()
+            except OSError as e:
+                error = (f"could not write {what} in {self.folder}: {e.strerror or e}. The run stops here; "
+                         f"its last good checkpoint and logs are kept. Make room (or make the folder writable), "
+                         f"then continue with the same command and --resume.")
+        if distributed.anyone(error is not None):
+            fail(error)
+
+    def save_checkpoint(self, make):
+        """Write make() as checkpoint.pt; the checkpoint it replaces becomes checkpoint.prev.pt."""
+        self.write(self.checkpoint.name, lambda: atomic.rotate_checkpoint(self.checkpoint, make(), self.previous))
+
+    def load_checkpoint(self, device):
+        """The newest checkpoint that loads whole: checkpoint.pt, else (saying so) checkpoint.prev.pt.
+        A damaged checkpoint.pt is then set aside as checkpoint.damaged.pt, so that the next save
+        keeps checkpoint.prev.pt instead of rotating the damaged file onto it."""
+        try:
+            return load_checkpoint(self.checkpoint, CHECKPOINT_KEYS, device)
+        except ValueError as e:
+            newest = str(e)
+        try:
+            ckpt = load_checkpoint(self.previous, CHECKPOINT_KEYS, device)
+        except ValueError as e:
+            fail(f"--resume: neither checkpoint of this run loads: {newest}; {e}. Move the folder away to start "
+                 f"the run anew.")
+        damaged = self.folder / "checkpoint.damaged.pt"
+        set_aside = distributed.is_main() and self.checkpoint.exists()
+
+        def move():
+            if set_aside:
+                os.replace(self.checkpoint, damaged)
+        self.write(damaged.name, move)  # on every process, as write stops them all if it fails
+        if set_aside:
+            newest += f", kept as {damaged.name}"
+        if distributed.is_main():
+            state = ckpt["state"]
+            print(f"warning: {newest}; continuing from {self.previous.name} (epoch {state['epoch']}, "
+                  f"batch {state['batch']})", file=sys.stderr)
+        return ckpt
+
+    def write_config(self, config):
+        self.write("config.json", lambda: atomic.write_json(self.folder / "config.json", config))
+
+    def write_logs(self, history):
+        def write():
+            atomic.write_text(self.folder / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            atomic.write_text(self.folder / "log.txt", "".join(format_record(r) + "\n" for r in history))
+        self.write("log.jsonl and log.txt", write)
+
+    def write_summary(self, state, status, config):
+        t = self.task_cls
+        best = state["best"]
+        last = state["history"][-1] if state["history"] else None
+        selected = best if "valid" in t.eval_splits else last
+        summary = {
+            "experiment": t.name, "model": config["args"]["model"], "seed": config["args"]["seed"],
+            "run_name": self.folder.name, "metric": t.metric, "higher_is_better": t.higher_is_better,
+            "paper": paper_figure(t, config["args"]["model"]), "baseline": t.baseline,
+            "status": status, "epochs_done": state["epoch"], "steps": state["step"],
+            "wall_time_s": round(state["elapsed"], 1),
+            "best_epoch": selected["epoch"] if selected else None,
+            "valid": selected["valid"][t.metric] if selected and "valid" in selected else None,
+            "test": selected["test"][t.metric] if selected and "test" in selected else None,
+            "last": last,
+        }
+        self.write("summary.json", lambda: atomic.write_json(self.folder / "summary.json", summary))
+        return summary
+
+
+def paper_figure(task_cls, model):
+    """The paper's figure for `model`: Task.paper is LEM's figure, or a dict by model."""
+    if isinstance(task_cls.paper, dict):
+        return task_cls.paper.get(model)
+    return task_cls.paper if model == "lem" else None

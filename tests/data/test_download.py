@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lem import download as dl
+from lem.data import download as dl
 from lem.data import DataError
 
 PAYLOAD = bytes(range(256)) * 1200  # 300 KiB

@@ -1,12 +1,12 @@
-"""The generated data of the adding and FitzHugh-Nagumo experiments (SPEC §3.1, §3.3)."""
+"""The generated data of the adding and FitzHugh-Nagumo experiments (docs/paper.md §3.1, §3.3)."""
+from importlib import import_module
 import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from helpers import load_module
 
-adding = load_module("adding/data.py")
-fhn = load_module("fitzhugh_nagumo/data.py")
+adding = import_module("adding.data")
+fhn = import_module("fitzhugh_nagumo.data")
 
 
 def test_adding_one_marker_per_half_and_target_is_marked_sum():

@@ -1,5 +1,6 @@
-"""The EigenWorms path (SPEC §3.2) on UEA datasets sktime ships in its package (no download):
+"""The EigenWorms path (docs/paper.md §3.2) on UEA datasets sktime ships in its package (no download):
 BasicMotions (equal length, 6 channels) and JapaneseVowels (unequal lengths, 12 channels)."""
+from importlib import import_module
 import json
 
 import numpy as np
@@ -8,10 +9,10 @@ import torch
 from sklearn.model_selection import train_test_split
 from sktime.datasets import load_UCR_UEA_dataset
 
-from helpers import load_module, read_run, run_train
-from lem import results
+from helpers import read_run, run_train
+from lem.tools import results
 
-data = load_module("eigenworms/data.py")
+data = import_module("eigenworms.data")
 
 
 def test_split_labels_and_channels_as_the_reference(tmp_path):

@@ -1,6 +1,7 @@
-"""Google12 (SPEC §3.4): a tiny Speech Commands V2 archive in the real layout, served from 127.0.0.1,
+"""Google12 (docs/paper.md §3.4): a tiny Speech Commands V2 archive in the real layout, served from 127.0.0.1,
 through download, checksum, extraction, split, features and one training epoch; the features
 against an independent numpy computation of the same definition."""
+from importlib import import_module
 import functools
 import hashlib
 import http.server
@@ -16,9 +17,9 @@ import soundfile
 import torch
 import torchaudio
 
-from helpers import load_module, read_run, run_train
+from helpers import read_run, run_train
 
-data = load_module("google12/data.py")
+data = import_module("google12.data")
 
 RATE = 16000
 UNKNOWN_WORDS = ("bed", "marvin", "backward")
@@ -149,7 +150,7 @@ def test_wav_reading(tmp_path):
     assert data.read_wav(tiny).shape == (513,) and data.read_wav(tiny)[300:].abs().max() == 0
 
 
-# An independent computation of SPEC §3.4 in numpy/scipy (librosa's definition, written out).
+# An independent computation of docs/paper.md §3.4 in numpy/scipy (librosa's definition, written out).
 def hz_to_mel(f):
     """Slaney's mel scale: linear below 1 kHz (200/3 Hz per mel), logarithmic above (27 mels per ln 6.4)."""
     f = np.asarray(f, dtype=np.float64)

@@ -1,5 +1,6 @@
-"""Heart rate (SPEC §3.5): Monash regression .ts files written here in the archive's format,
+"""Heart rate (docs/paper.md §3.5): Monash regression .ts files written here in the archive's format,
 the BIDMC32HR archive served from 127.0.0.1, the split, the cache and train.py end to end."""
+from importlib import import_module
 import functools
 import io
 import threading
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_module, read_run, run_train
+from helpers import read_run, run_train
 from lem.data import DataError
 
-data = load_module("heart_rate/data.py")
+data = import_module("heart_rate.data")
 
 
 def write_ts(path, name, series, targets):
@@ -114,7 +115,7 @@ def test_bidmc32hr_is_downloaded_and_only_its_files_extracted(tmp_path, archive_
 
 
 def heart_rate_task(data_dir, train_file=None, test_file=None):
-    train = load_module("heart_rate/train.py")
+    train = import_module("heart_rate.train")
     args = Namespace(data_dir=str(data_dir), train_file=train_file, test_file=test_file, eval_batch=2,
                      model="lem", nhid=4, dt=0.1)
     return train.HeartRate(args, torch.device("cpu"))

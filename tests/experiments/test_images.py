@@ -1,6 +1,7 @@
 """sMNIST, psMNIST and noisy CIFAR-10: the files torchvision reads, the pixel sequences, the
 messages for missing or corrupt data, and each train.py end to end on tiny files in the exact
 on-disk formats of the real downloads."""
+from importlib import import_module
 import gzip
 import hashlib
 import json
@@ -14,14 +15,14 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10, MNIST
 
-import lem.harness
-from helpers import load_module, read_run, run_train
+from lem.train import cli
+from helpers import read_run, run_train
 from lem.data import DataError
-from lem.images import load_cifar10, load_mnist, split_train_valid
+from lem.data.images import load_cifar10, load_mnist, split_train_valid
 
-smnist_data = load_module("smnist/data.py")
-psmnist_data = load_module("psmnist/data.py")
-cifar_data = load_module("noisy_cifar/data.py")
+smnist_data = import_module("smnist.data")
+psmnist_data = import_module("psmnist.data")
+cifar_data = import_module("noisy_cifar.data")
 
 
 # ---- tiny datasets in the real on-disk formats ----
@@ -198,11 +199,9 @@ def test_cifar_missing_offline_names_files_folder_and_url(tmp_path, monkeypatch)
 
 def test_train_py_stops_with_the_message_not_a_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(MNIST, "mirrors", [closed_port_url()])
-    monkeypatch.delitem(sys.modules, "data", raising=False)  # every experiment has a data.py
-    smnist = load_module("smnist/train.py")
-    monkeypatch.setitem(sys.modules, smnist.__name__, smnist)  # the harness finds the experiment folder by it
+    smnist = import_module("smnist.train")
     with pytest.raises(SystemExit) as e:
-        smnist.lem.run(smnist.SequentialMNIST, ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"),
+        smnist.lem.train.run(smnist.SequentialMNIST, ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"),
                                                 "--device", "cpu"])
     assert str(e.value).startswith("smnist: MNIST: ")
     assert "MNIST/raw" in str(e.value) and "Traceback" not in str(e.value)
@@ -278,9 +277,8 @@ def test_noisy_cifar_trains_end_to_end(tmp_path):
 
 def test_fresh_noise_evaluates_the_same_noisy_set_each_time(tmp_path, monkeypatch):
     write_cifar(tmp_path, per_batch=4)
-    monkeypatch.setitem(sys.modules, "data", cifar_data)  # what train.py's `from data import` must find
-    train = load_module("noisy_cifar/train.py")
-    args = lem.harness.build_parser(train.NoisyCIFAR).parse_args(
+    train = import_module("noisy_cifar.train")
+    args = cli.build_parser(train.NoisyCIFAR).parse_args(
         ["--data-dir", str(tmp_path), "--valid-size", "4", "--nhid", "4", "--fresh-noise"])
     task = train.NoisyCIFAR(args, torch.device("cpu"))
     model = task.build_model().eval()

@@ -1,5 +1,6 @@
-"""PTB (SPEC §3.9): data in the real file formats served from 127.0.0.1, stream batching, state
+"""PTB (docs/paper.md §3.9): data in the real file formats served from 127.0.0.1, stream batching, state
 carry, variational state dropout, weight averaging, and ptb/train.py end to end at both levels."""
+from importlib import import_module
 import functools
 import http.server
 import io
@@ -12,29 +13,14 @@ import threading
 import pytest
 import torch
 
-from helpers import load_module, read_run, run_train
-from lem import bench
-from lem.harness import build_parser, run
-from lem.model import LEM, lem_step
+from helpers import read_run, run_train
+from lem.tools import bench
+from lem.train.cli import build_parser
+from lem.train import run
+from lem.nn import LEM, lem_step
 
-ptb_data = load_module("ptb/data.py", "ptb_data")
-
-
-def load_train():
-    saved = sys.modules.get("data")
-    sys.modules["data"] = ptb_data  # train.py's `from data import ...` must find ptb/data.py
-    try:
-        module = load_module("ptb/train.py", "ptb_train")
-        sys.modules["ptb_train"] = module  # the harness finds the experiment folder through it
-        return module
-    finally:
-        if saved is None:
-            sys.modules.pop("data")
-        else:
-            sys.modules["data"] = saved
-
-
-ptb_train = load_train()
+ptb_data = import_module("ptb.data")
+ptb_train = import_module("ptb.train")
 
 WORDS = "the a cat dog sat ran on under mat rug and <unk> N".split()
 
@@ -310,7 +296,7 @@ def test_dt_and_backend_reach_the_model_and_its_average(server, tmp_path):
     for net in (model, task.averaged.module):
         assert net.rnn.dt == 0.5 and net.rnn.backend == "reference"
     _, default = make_task(server, tmp_path, "word")
-    assert default.rnn.dt == 1.0 and default.rnn.backend == "auto"  # SPEC §3.9: Δt = 1
+    assert default.rnn.dt == 1.0 and default.rnn.backend == "auto"  # docs/paper.md §3.9: Δt = 1
 
 
 def test_bench_times_the_training_step_in_tokens_per_second(tmp_path, capsys):

@@ -18,9 +18,7 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 import lem  # noqa: E402
 from lem import kernels  # noqa: E402
 from lem.kernels import gpu, onchip, stepwise  # noqa: E402
-from test_compile import assert_compiled_is_eager  # noqa: E402
-from test_kernels import assert_close_relative, assert_lengths_match, assert_matches  # noqa: E402
-from test_lstm_interface import assert_packed_is_each_sequence_alone  # noqa: E402
+from asserts import assert_close_relative, assert_compiled_is_eager, assert_lengths_match, assert_matches, assert_packed_is_each_sequence_alone  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")

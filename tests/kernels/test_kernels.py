@@ -1,4 +1,4 @@
-"""The fused LEM backends against the reference loop (SPEC §1): outputs and every gradient."""
+"""The fused LEM backends against the reference loop (docs/paper.md §1): outputs and every gradient."""
 import subprocess
 import sys
 import warnings
@@ -8,69 +8,11 @@ import pytest
 import torch
 
 import lem
-from lem import bench, kernels
+from lem import kernels
+from lem.tools import bench
 from lem.kernels import cpu
 from helpers import read_run, run_train, train_env
-
-
-def run(layer, x, state, seed=1):
-    """Outputs and the gradients of a loss touching ys, y_T and z_T w.r.t. inputs, states, parameters."""
-    torch.manual_seed(seed)  # the same state-dropout mask for every backend
-    ys, (y, z) = layer(x, state)
-    weights = torch.randn(ys.shape, generator=torch.Generator().manual_seed(2), dtype=ys.dtype).to(ys.device)
-    loss = (ys * weights).sum() + (y ** 2).sum() + (2 * z).sum()
-    inputs = [x, *(state or ()), *layer.parameters()]
-    return [ys, y, z, *torch.autograd.grad(loss, inputs)]
-
-
-def assert_matches(backend, T, B, H, I, batch_first=False, with_state=False, state_dropout=0.0, dt=0.7,
-                   device="cpu", tol=1e-5, bias=True):
-    torch.manual_seed(0)
-    args = dict(bias=bias, dt=dt, batch_first=batch_first, state_dropout=state_dropout)
-    ref = lem.LEM(I, H, **args, backend="reference").to(device)
-    fused = lem.LEM(I, H, **args, backend=backend).to(device)
-    fused.load_state_dict(ref.state_dict())
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), device=device, requires_grad=True)
-    assert kernels.resolve(backend, x.device, H, x.dtype) == backend, "the fused path did not build"
-    state = None
-    if with_state:
-        state = tuple(torch.randn(1, B, H, device=device, requires_grad=True) for _ in range(2))
-    names = ["ys", "y_T", "z_T", "x", *(["y0", "z0"] if with_state else []), *(n for n, _ in ref.named_parameters())]
-    for name, a, b in zip(names, run(fused, x, state), run(ref, x, state)):
-        assert_close_relative(a, b, f"{backend}: {name}", tol)
-
-
-def assert_close_relative(a, b, name, tol=1e-5):
-    err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
-    assert err <= tol, f"{name} differs from the reference by {err:.2e} (relative to its largest entry)"
-
-
-def assert_lengths_match(backend, T, B, H, I, lengths, bias=True, with_mask=False, device="cpu", tol=1e-5):
-    """One layer run by kernels.fused with per-row lengths (any order) against the reference loop:
-    ys, z_T and the gradients of x (zero past each row's length), y0, z0 and every parameter; and a
-    call no backward can follow gives the training call's outputs bit for bit."""
-    torch.manual_seed(0)
-    layer = lem.LEM(I, H, bias=bias, dt=0.7).to(device)
-    assert kernels.resolve(backend, torch.device(device), H) == backend, "the fused path did not build"
-    x = torch.randn(T, B, I, device=device, requires_grad=True)
-    y0, z0 = (torch.randn(B, H, device=device, requires_grad=True) for _ in range(2))
-    mask = torch.rand(B, H, device=device) * 2 if with_mask else None
-    lengths = torch.tensor(lengths, device=device)
-    linears = (layer.inp2hid, layer.hid2hid, layer.transform_z)
-    calls = {"fused": lambda: kernels.fused(backend, x, linears[0], y0, z0, *linears[1:], mask, layer.dt, lengths),
-             "reference": lambda: layer._reference_loop(linears[0](x), y0, z0, *linears[1:], mask, lengths)}
-    weights = torch.randn(T, B, H, generator=torch.Generator().manual_seed(2)).to(device)
-    results = {}
-    for name, call in calls.items():
-        ys, z = call()
-        loss = (ys * weights).sum() + (2 * z).sum()
-        results[name] = [ys, z, *torch.autograd.grad(loss, [x, y0, z0, *layer.parameters()])]
-    names = ["ys", "z_T", "x", "y0", "z0", *(n for n, _ in layer.named_parameters())]
-    for name, a, b in zip(names, results["fused"], results["reference"]):
-        assert_close_relative(a, b, f"{backend} with lengths: {name}", tol)
-    with torch.no_grad():
-        ys, z = calls["fused"]()
-    assert torch.equal(ys, results["fused"][0]) and torch.equal(z, results["fused"][1])
+from asserts import assert_close_relative, assert_lengths_match, assert_matches, run
 
 
 @pytest.mark.parametrize("T, B, H, I, batch_first, with_state, state_dropout", [
@@ -224,7 +166,6 @@ def test_compile_failure_falls_back_with_one_warning(tmp_path, monkeypatch):
         layer(x)
 
 
-
 def test_a_built_extension_is_imported_without_cpp_extension_load(tmp_path):
     built = Path(cpu.load().__file__)
     again = cpu._import_built(built.stem, built.parent)
@@ -248,7 +189,7 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_announced(tmp_
 
 
 def test_gpu_tiers_under_the_interpreter():
-    """tests/test_gpu_tiers.py on CPU tensors under Triton's interpreter. TRITON_INTERPRET must be
+    """tests/kernels/test_gpu_tiers.py on CPU tensors under Triton's interpreter. TRITON_INTERPRET must be
     set before Triton compiles the kernels' decorators: a fresh process."""
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_gpu_tiers.py"],

@@ -7,32 +7,7 @@ from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 import lem
 from lem import kernels
-
-
-def outputs_and_grads(model, x):
-    out, (y, z) = model(x)
-    loss = out.square().sum() + y.sum() + (2 * z).sum()
-    return [out, y, z, *torch.autograd.grad(loss, [x, *model.parameters()])]
-
-
-def assert_compiled_is_eager(backend, device="cpu"):
-    """A 2-layer bidirectional LEM with state dropout compiled as one graph (fullgraph: any graph
-    break fails) by AOTAutograd without code generation: the fake implementations and autograd of
-    the operators traced, then the same kernels run, so outputs and gradients are the eager ones bit
-    for bit; under torch.no_grad() too (the activations-free path, a graph of its own)."""
-    torch.manual_seed(0)
-    layer = lem.LEM(3, 8, 2, bidirectional=True, dt=0.6, state_dropout=0.3, backend=backend).to(device)
-    x = torch.randn(6, 4, 3, device=device, requires_grad=True)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    results = []
-    for model in (compiled, layer):
-        torch.manual_seed(1)  # the same state-dropout masks
-        results.append(outputs_and_grads(model, x))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    layer.eval()
-    with torch.no_grad():
-        assert torch.equal(compiled(x)[0], layer(x)[0])
+from asserts import assert_compiled_is_eager
 
 
 def test_compiled_stack_is_eager_on_the_fused_cpu_path():

@@ -1,4 +1,4 @@
-"""lem.LEM and lem.LEMCell against a loop-by-loop transcription of SPEC §1."""
+"""lem.LEM and lem.LEMCell against a loop-by-loop transcription of docs/paper.md §1."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ import lem
 
 
 def transcription(layer, x, y0=None, z0=None):
-    """SPEC §1 written out with the named blocks of the parameter layout table."""
+    """docs/paper.md §1 written out with the named blocks of the parameter layout table."""
     H, dt = layer.hidden_size, layer.dt
     V2, V1, Vy, Vz = layer.inp2hid.weight.split(H)
     W2, W1, Wz = layer.hid2hid.weight.split(H)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_sequence, pad_packed_sequence
 
 import lem
-from lem import bench
+from lem.tools import bench
+from asserts import assert_packed_is_each_sequence_alone
 
 T, B, I, H = 5, 3, 4, 6
 NAMES = ("inp2hid", "hid2hid", "transform_z")
@@ -163,53 +164,6 @@ def test_bad_inputs_and_states_raise_what_lstm_raises(call):
     with pytest.raises(type(lstm_error.value)) as lem_error:
         call(lem.LEM(I, H, 2, bidirectional=True))
     assert isinstance(lem_error.value, ValueError)  # the project's rule: bad input is a ValueError
-
-
-def loss_of(out, y_n, z_n, lengths):
-    """A weighted sum of every real output and both final states (weights fixed per sequence)."""
-    g = torch.Generator().manual_seed(5)
-    weights = lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device)
-    total = 0
-    for b, n in enumerate(lengths):
-        total = total + (out[b][:n] * weights(out[b][:n])).sum()
-    for s in (y_n, z_n):
-        total = total + (s * weights(s)).sum()
-    return total
-
-
-def assert_packed_is_each_sequence_alone(backend, num_layers, bidirectional, batch_first, enforce_sorted, bias=True,
-                                         dtype=torch.double, device="cpu"):
-    """A PackedSequence of unequal lengths through `backend` gives, for each sequence, what running it
-    alone (unbatched, no lengths) gives: outputs, both final states, and the gradients of a loss of
-    all of them w.r.t. every sequence, the initial state and every parameter."""
-    torch.manual_seed(0)
-    layer = lem.LEM(I, H, num_layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional, dt=0.6,
-                    backend=backend).to(device, dtype)
-    lengths = [7, 5, 5, 2] if enforce_sorted else [3, 7, 1, 5]
-    seqs = [torch.randn(n, I, dtype=dtype, device=device, requires_grad=True) for n in lengths]
-    D = 2 if bidirectional else 1
-    y0, z0 = (torch.randn(D * num_layers, len(lengths), H, dtype=dtype, device=device, requires_grad=True)
-              for _ in range(2))
-    inputs = [*seqs, y0, z0, *layer.parameters()]
-
-    packed = pack_sequence(seqs, enforce_sorted=enforce_sorted)
-    out, (y_n, z_n) = layer(packed, (y0, z0))
-    lstm_out = nn.LSTM(I, H, num_layers, bidirectional=bidirectional).to(device, dtype)(packed)[0]
-    assert out.data.shape == lstm_out.data.shape and torch.equal(out.batch_sizes, lstm_out.batch_sizes)
-    for a, b in ((out.sorted_indices, lstm_out.sorted_indices), (out.unsorted_indices, lstm_out.unsorted_indices)):
-        assert (a is None and b is None) or torch.equal(a, b)
-    padded = pad_packed_sequence(out, batch_first=True)[0]
-    grads = torch.autograd.grad(loss_of(padded, y_n, z_n, lengths), inputs)
-
-    alone = [layer(s, (y0[:, b], z0[:, b])) for b, s in enumerate(seqs)]  # unbatched, no lengths
-    for b, (o, (y, z)) in enumerate(alone):
-        torch.testing.assert_close(padded[b, :lengths[b]], o)
-        torch.testing.assert_close(y_n[:, b], y)
-        torch.testing.assert_close(z_n[:, b], z)
-    alone_loss = loss_of([o for o, _ in alone], torch.stack([y for _, (y, _) in alone], 1),
-                         torch.stack([z for _, (_, z) in alone], 1), lengths)
-    for g, r in zip(grads, torch.autograd.grad(alone_loss, inputs)):
-        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lem import RNNModel
-from lem.data import pad_series
+from lem.data.series import pad_series
 
 
 @pytest.mark.parametrize("kind", ["lem", "lstm", "gru"])

@@ -1,27 +1,29 @@
-"""python -m lem.results: the Markdown table and the learning-curve plot, on run folders the harness writes."""
+"""python -m lem.tools.results: the Markdown table and the learning-curve plot, on run folders the harness writes."""
 import json
 import re
 
 import pytest
 from PIL import Image
 
-from lem import atomic, harness, results
+from lem import atomic
+from lem.tools import results
+from lem.train import rundir, task
 
 
-class Sequences(harness.Task):
+class Sequences(task.Task):
     name, metric, paper = "fitzhugh_nagumo", "rmse", 0.002
 
 
-class Adding(harness.Task):
+class Adding(task.Task):
     name, metric, paper, eval_splits = "adding", "mse", "1e-4 ... 1e-5", ("test",)
 
 
-class Compared(harness.Task):
+class Compared(task.Task):
     name, metric, paper, baseline = "compared", "rmse", {"lem": 0.002, "lstm": 0.012}, 0.5
 
 
 def write_run(folder, task_cls, seed, values, model="lem", **args):
-    """A run folder as harness.train leaves it, with one record per value of the metric."""
+    """A run folder as loop.train leaves it, with one record per value of the metric."""
     history = []
     for epoch, value in enumerate(values, 1):
         record = {"epoch": epoch, "step": 10 * epoch, "lr": 1e-3, "time_s": float(epoch)}
@@ -31,7 +33,7 @@ def write_run(folder, task_cls, seed, values, model="lem", **args):
     state = {"epoch": len(values), "step": 10 * len(values), "elapsed": 1.0, "history": history,
              "best": min(history, key=lambda r: r["valid"][task_cls.metric]) if "valid" in task_cls.eval_splits else None}
     config = {"args": {"model": model, "nhid": 16, "seed": seed, "lr": 1e-3, **args}, "experiment": task_cls.name}
-    run = harness.Run(folder, task_cls)
+    run = rundir.Run(folder, task_cls)
     atomic.write_json(folder / "config.json", config)
     run.write_logs(history)
     run.write_summary(state, "finished", config)

@@ -1,5 +1,6 @@
 """The reported runs under docs/runs: the README's results table is what lem.results prints from
 them, they name no folder of the machine that ran them, and a committed run re-runs to its figures."""
+from importlib import import_module
 import json
 import os
 import re
@@ -8,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lem import reproduce, results
+from lem.tools import reproduce, results
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "docs" / "runs"
-TABLE_START = "<!-- python -m lem.results --markdown docs/runs -->"
+TABLE_START = "<!-- python -m lem.tools.results --markdown docs/runs -->"
 TABLE_END = "<!-- end of table -->"
 
 
@@ -63,7 +64,7 @@ def test_run_records_are_whole():
 @pytest.mark.parametrize("run", ["fitzhugh_nagumo/lem_h16_seed1234", "fitzhugh_nagumo/lstm_h16_seed1234"])
 def test_committed_fitzhugh_nagumo_run_reproduces_its_first_epochs(run, tmp_path_factory):
     """Same machine kind, same backend: the first two epochs give the recorded figures exactly
-    (the whole run: python -m lem.reproduce docs/runs/<run>). The trajectories are solved once
+    (the whole run: python -m lem.tools.reproduce docs/runs/<run>). The trajectories are solved once
     for both runs (seed 1234)."""
     recorded = reproduce.read_records(RUNS / run)
     repeated = reproduce.rerun(RUNS / run, epochs=2, data_dir=tmp_path_factory.getbasetemp() / "fhn_data")
@@ -72,23 +73,21 @@ def test_committed_fitzhugh_nagumo_run_reproduces_its_first_epochs(run, tmp_path
 
 
 def test_rerun_command_parses_back_to_the_run_and_paths_are_recorded_portably(monkeypatch):
-    from helpers import load_module
-    from lem import harness, runlog
+    from lem.train import cli, rundir
 
-    module = load_module("fitzhugh_nagumo/train.py")
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # as when run as a script: inspect finds its file
+    module = import_module("fitzhugh_nagumo.train")
     task_cls = module.FitzHughNagumo
-    parser = harness.build_parser(task_cls)
+    parser = cli.build_parser(task_cls)
     args = parser.parse_args(["--model", "gru", "--seeds", "3", "4", "--lr", "0.5", "--backend", "reference",
                               "--max-time", "60", "--data-dir", "/somewhere", "--n_test", "8"])
     args.seed = 4  # what run() passes to train() for the second seed
-    argv = harness.rerun_command(task_cls, args)
+    argv = cli.rerun_command(task_cls, args)
     assert argv[0] == "fitzhugh_nagumo/train.py"
     again = vars(parser.parse_args(argv[1:]))
     for key, value in vars(args).items():
-        if key not in harness.RUN_ONLY_FLAGS - {"backend"}:
+        if key not in cli.RUN_ONLY_FLAGS - {"backend"}:
             assert again[key] == value, key
     assert "--seeds" not in argv and "--max-time" not in argv and "--data-dir" not in argv
 
-    assert runlog.portable(REPO / "data" / "fitzhugh_nagumo") == "data/fitzhugh_nagumo"
-    assert runlog.portable("/somewhere/else") == "/somewhere/else" and runlog.portable(None) is None
+    assert rundir.portable(REPO / "data" / "fitzhugh_nagumo", REPO) == "data/fitzhugh_nagumo"
+    assert rundir.portable("/somewhere/else", REPO) == "/somewhere/else" and rundir.portable(None, REPO) is None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import REPO, read_run, run_train, train_env
-from lem import distributed, harness, runlog
+from lem.train import cli, distributed, loop, rundir, task
 
 # 12 trajectories in batches of 5, 5, 2: shares of 3 and 2 samples, so the loss weights matter
 FHN = ["--n-train", 12, "--n-valid", 4, "--n-test", 4, "--nhid", 8, "--batch", 5, "--epochs", 2]
@@ -76,7 +76,7 @@ def test_seed_batches_split_and_a_distributed_run_resumes(tmp_path):
 def test_a_refused_torchrun_job_stops_every_process(tmp_path):
     run_dir = tmp_path / "lem_h8_seed1234"
     run_dir.mkdir()
-    lock = runlog.lock(run_dir / harness.LOCK_FILE)  # this test process trains the run, as far as anyone knows
+    lock = rundir.lock(run_dir / rundir.LOCK_FILE)  # this test process trains the run, as far as anyone knows
     try:
         proc = torchrun("fitzhugh_nagumo", *FHN, out_dir=tmp_path, data_dir=tmp_path / "data", check=False)
     finally:
@@ -84,7 +84,7 @@ def test_a_refused_torchrun_job_stops_every_process(tmp_path):
     assert proc.returncode != 0  # and every process stopped: no time-out
     assert proc.stderr.count(f"{run_dir} is in use: process {os.getpid()} is training this run") == 1
     assert proc.stderr.count("Traceback") <= 1  # torchrun's own failure report; no worker's
-    assert os.listdir(run_dir) == [harness.LOCK_FILE]
+    assert os.listdir(run_dir) == [rundir.LOCK_FILE]
 
 
 def test_one_process_splits_nothing():
@@ -110,10 +110,10 @@ def test_shares_weights_and_the_other_ranks_silence(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
         distributed.share(torch.zeros(50, 2))
 
-    class Tiny(harness.Task):
+    class Tiny(task.Task):
         name, metric = "tiny", "mse"
 
-    run = harness.Run(tmp_path / "run", Tiny)
+    run = rundir.Run(tmp_path / "run", Tiny)
     state = {"epoch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
     run.write_logs([])
     summary = run.write_summary(state, "running", {"args": {"model": "lem", "seed": 1}})
@@ -121,8 +121,8 @@ def test_shares_weights_and_the_other_ranks_silence(monkeypatch, tmp_path):
 
 
 def test_torchrun_gives_each_process_its_own_gpu(monkeypatch):
-    assert harness.pick_device("cuda") == torch.device("cuda")
+    assert loop.pick_device("cuda") == torch.device("cuda")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert harness.pick_device("cuda") == torch.device("cuda", 3)
-    assert harness.pick_device("cpu") == torch.device("cpu")
+    assert loop.pick_device("cuda") == torch.device("cuda", 3)
+    assert loop.pick_device("cpu") == torch.device("cpu")

@@ -6,10 +6,12 @@ import re
 
 import pytest
 
-from lem import experiments, harness
-from lem.model import LEM
+from lem.tools import experiments
+from lem.train import cli, loop
+from lem.nn import LEM
+from helpers import REPO
 
-TASKS = [(name, argv) for name in experiments.EXPERIMENTS for argv in ([], ["--level", "char"])
+TASKS = [(name, argv) for name in experiments.names() for argv in ([], ["--level", "char"])
          if name == "ptb" or not argv]
 
 
@@ -42,24 +44,24 @@ def other_value(action, flag):
 @pytest.mark.parametrize("name,level", TASKS, ids=[" ".join([n, *a]) for n, a in TASKS])
 def test_every_listed_flag_reaches_the_recorded_config_and_rerun_command(name, level):
     task_cls = experiments.task_class(name, level)
-    parser = harness.build_parser(task_cls)
+    parser = cli.build_parser(task_cls)
     flags = listed_flags(parser)
     assert set(flags) == {s for a in parser._actions for s in a.option_strings if s != "-h"}  # --help hides none
-    defaults = harness.recorded_flags(task_cls, harness.parse_args(task_cls, level))["args"]
+    defaults = cli.recorded_flags(task_cls, cli.parse_args(task_cls, level), REPO)["args"]
     for flag in flags:
         action = parser._option_string_actions[flag]
         if flag in ("-h", "--help") or other_value(action, flag) is None:
             continue
         tail, expected = other_value(action, flag)
-        args = harness.parse_args(task_cls, [*level, flag, *tail])
-        recorded = harness.recorded_flags(task_cls, args)
+        args = cli.parse_args(task_cls, [*level, flag, *tail])
+        recorded = cli.recorded_flags(task_cls, args, REPO)
         assert recorded["args"][action.dest] == expected, flag
         if action.dest != "level":  # --level char with the word class: only that flag differs
             assert {k: v for k, v in recorded["args"].items() if k != action.dest} == \
                    {k: v for k, v in defaults.items() if k != action.dest}, flag
-        if action.dest not in harness.RUN_ONLY_FLAGS - {"backend"}:  # the rerun command repeats it
-            again = harness.parse_args(task_cls, recorded["rerun"][1:])
-            assert harness.recorded_flags(task_cls, again)["args"] == recorded["args"], flag
+        if action.dest not in cli.RUN_ONLY_FLAGS - {"backend"}:  # the rerun command repeats it
+            again = cli.parse_args(task_cls, recorded["rerun"][1:])
+            assert cli.recorded_flags(task_cls, again, REPO)["args"] == recorded["args"], flag
         if "_" in action.dest:  # the spelling of the reference code and older run records
             assert any(s == "--" + s[2:].replace("-", "_") and "_" in s for s in action.option_strings), flag
             assert flag.startswith("--no-") or action.option_strings[0] == "--" + action.dest.replace("_", "-")
@@ -69,18 +71,18 @@ def test_flags_are_dash_case_and_the_underscore_spellings_still_parse():
     task_cls = experiments.task_class("fitzhugh_nagumo")
     old = ["--grad_norm", "0.5", "--lr_decay_epoch", "7", "--n_train", "12", "--data_dir", "/tmp/d"]
     new = ["--grad-norm", "0.5", "--lr-decay-epoch", "7", "--n-train", "12", "--data-dir", "/tmp/d"]
-    assert vars(harness.parse_args(task_cls, old)) == vars(harness.parse_args(task_cls, new))
-    assert "--grad-norm" in harness.rerun_command(task_cls, harness.parse_args(task_cls, old))
+    assert vars(cli.parse_args(task_cls, old)) == vars(cli.parse_args(task_cls, new))
+    assert "--grad-norm" in cli.rerun_command(task_cls, cli.parse_args(task_cls, old))
 
 
 def test_adding_honours_epochs_and_ptb_offers_only_lem():
     adding = experiments.task_class("adding")
-    task = adding(harness.parse_args(adding, ["--seq-length", "4", "--test-size", "2", "--max-iter", "250"]), None)
+    task = adding(cli.parse_args(adding, ["--seq-length", "4", "--test-size", "2", "--max-iter", "250"]), None)
     assert task.num_epochs() == 3  # 100 + 100 + 50 iterations
     task.args.epochs = 2
     assert task.num_epochs() == 2
     with pytest.raises(SystemExit):
-        harness.build_parser(experiments.task_class("ptb")).parse_args(["--model", "lstm"])
+        cli.build_parser(experiments.task_class("ptb")).parse_args(["--model", "lstm"])
 
 
 class Reads(argparse.Namespace):
@@ -99,22 +101,22 @@ class Reads(argparse.Namespace):
 ])
 def test_a_real_run_reads_every_flag(name, argv, tmp_path, monkeypatch):
     task_cls = experiments.task_class(name)
-    parse = harness.parse_args
-    monkeypatch.setattr(harness, "parse_args", lambda cls, a=None: Reads(**vars(parse(cls, a))))
+    parse = cli.parse_args
+    monkeypatch.setattr(cli, "parse_args", lambda cls, a=None: Reads(**vars(parse(cls, a))))
     Reads.names = set()
-    summary, = harness.run(task_cls, [*argv, "--backend", "reference", "--out-dir", str(tmp_path),
+    summary, = loop.run(task_cls, [*argv, "--backend", "reference", "--out-dir", str(tmp_path),
                                       "--data-dir", str(tmp_path), "--device", "cpu"])
     assert summary["status"] == "finished" and summary["epochs_done"] == 1
-    dests = {a.dest for a in harness.build_parser(task_cls)._actions if a.dest != "help"}
+    dests = {a.dest for a in cli.build_parser(task_cls)._actions if a.dest != "help"}
     # adding draws its data in memory: --data-dir has no files to find (lem.reproduce passes it to every run)
     assert dests - Reads.names == ({"data_dir"} if name == "adding" else set())
 
 
-def test_a_model_that_ignores_backend_is_refused():
+def test_every_layer_takes_the_backend_flag_and_defaults_name_flags():
     adding = experiments.task_class("adding")
-    args = harness.parse_args(adding, ["--seq-length", "4", "--test-size", "2", "--backend", "reference"])
+    args = cli.parse_args(adding, ["--seq-length", "4", "--test-size", "2", "--backend", "reference"])
     task = adding(args, None)
-    assert {m.backend for m in harness.make_model(task, args)[0].modules() if isinstance(m, LEM)} == {"reference"}
-    task.build_model = lambda: LEM(2, 4)
-    with pytest.raises(ValueError, match="backend 'auto', not --backend 'reference'"):
-        harness.make_model(task, args)
+    assert {m.backend for m in loop.make_model(task, args)[0].modules() if isinstance(m, LEM)} == {"reference"}
+    misspelt = type("Misspelt", (adding,), {"defaults": {**adding.defaults, "grad_nrom": 1.0}})
+    with pytest.raises(TypeError, match="grad_nrom"):
+        cli.build_parser(misspelt)

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lem
-from lem import harness, results, runlog
+import lem.train
+from lem.tools import results
+from lem.train import cli, loop, rundir, task
 from helpers import REPO, read_run, run_train, train_env
 
 # The reference loop keeps these runs slow enough (~1 s an epoch) for a signal to land mid-run.
@@ -120,7 +121,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, data_dir, fhn_ref
 
 def files_of(run_dir):
     """The bytes of every file in run_dir but its lock (which holds the PID of its latest holder)."""
-    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != harness.LOCK_FILE}
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != rundir.LOCK_FILE}
 
 
 def test_a_second_process_on_a_run_stops_and_leaves_the_first_alone(tmp_path, data_dir, fhn_reference):
@@ -207,7 +208,7 @@ def test_existing_run_needs_resume_and_resume_needs_same_arguments(tmp_path):
     assert missing.returncode != 0 and "no checkpoint" in missing.stderr
 
 
-class Regression(lem.Task):
+class Regression(lem.train.Task):
     """Linear regression: an in-process run in milliseconds."""
     name = "regression"
     metric = "mse"
@@ -224,7 +225,7 @@ class Regression(lem.Task):
 
     def train_batches(self, epoch):
         self.epoch = epoch
-        return lem.shuffled_batches(32, self.args.batch, self.args.seed, epoch)
+        return lem.train.shuffled_batches(32, self.args.batch, self.args.seed, epoch)
 
     def loss(self, model, idx):
         return F.mse_loss(model(self.x[idx]), self.y[idx])
@@ -243,7 +244,7 @@ class ExplodingTask(Regression):
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        lem.run(ExplodingTask, ["--out-dir", str(tmp_path), "--data-dir", str(tmp_path), "--device", "cpu"])
+        lem.train.run(ExplodingTask, ["--out-dir", str(tmp_path), "--data-dir", str(tmp_path), "--device", "cpu"])
     assert stop.value.code == 1
     assert "loss is nan at epoch 3" in capsys.readouterr().err
     run_dir = tmp_path / "lem_h4_seed5544"
@@ -257,7 +258,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cap
 @pytest.mark.parametrize("failing", ["checkpoint.pt", "log.jsonl"])
 def test_a_failed_save_stops_the_run_and_keeps_the_last_good_files(tmp_path, monkeypatch, failing):
     argv = ["--data-dir", str(tmp_path), "--device", "cpu", "--epochs", "4"]
-    lem.run(Regression, ["--out-dir", str(tmp_path / "reference"), *argv])
+    lem.train.run(Regression, ["--out-dir", str(tmp_path / "reference"), *argv])
     run_dir = tmp_path / "lem_h4_seed5544"
     real_fsync, writes = os.fsync, []
 
@@ -270,7 +271,7 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_good_files(tmp_path, mon
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(SystemExit) as stop:
-        lem.run(Regression, ["--out-dir", str(tmp_path), *argv])
+        lem.train.run(Regression, ["--out-dir", str(tmp_path), *argv])
     what = "checkpoint.pt" if failing == "checkpoint.pt" else "log.jsonl and log.txt"
     assert str(stop.value.code).startswith(f"could not write {what} in {run_dir}: No space left on device. ")
     summary, _, log = read_run(run_dir)
@@ -279,39 +280,39 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_good_files(tmp_path, mon
     assert saved == (2 if failing == "checkpoint.pt" else 3)
 
     monkeypatch.undo()  # space again: the run continues to the numbers of one never stopped
-    lem.run(Regression, ["--out-dir", str(tmp_path), "--resume", *argv])
+    lem.train.run(Regression, ["--out-dir", str(tmp_path), "--resume", *argv])
     _, _, reference = read_run(tmp_path / "reference" / "lem_h4_seed5544")
     assert metrics_only(read_run(run_dir)[2]) == metrics_only(reference)
 
 
 def test_run_lock_holds_the_pid_and_excludes_a_second_holder(tmp_path):
     path = tmp_path / "run.lock"
-    fd = runlog.lock(path)
+    fd = rundir.lock(path)
     try:
         assert path.read_text() == f"{os.getpid()}\n"
         with pytest.raises(BlockingIOError):
-            runlog.lock(path)  # another open file of the same process counts as another holder
+            rundir.lock(path)  # another open file of the same process counts as another holder
     finally:
         os.close(fd)
-    os.close(runlog.lock(path))  # free again once closed
+    os.close(rundir.lock(path))  # free again once closed
 
 
 def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(runlog.fcntl, "flock", no_locks)
-    summary = lem.run(Regression, ["--out-dir", str(tmp_path), "--data-dir", str(tmp_path), "--device", "cpu",
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    summary = lem.train.run(Regression, ["--out-dir", str(tmp_path), "--data-dir", str(tmp_path), "--device", "cpu",
                                    "--epochs", "1"])[0]
     assert summary["status"] == "finished"
-    assert f"warning: cannot lock {tmp_path / 'lem_h4_seed5544' / harness.LOCK_FILE}" in capsys.readouterr().err
+    assert f"warning: cannot lock {tmp_path / 'lem_h4_seed5544' / rundir.LOCK_FILE}" in capsys.readouterr().err
 
 
 def test_resume_checks_what_it_loads(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": {}, "state": {}}, path)
     with pytest.raises(ValueError, match="is not a whole checkpoint: it lacks optimizer, task, rng, args"):
-        runlog.load_checkpoint(path, harness.CHECKPOINT_KEYS)
+        rundir.load_checkpoint(path, rundir.CHECKPOINT_KEYS)
 
 
 def test_seeds_and_results_table(tmp_path, capsys):

@@ -3,11 +3,11 @@ every evaluation, before the checkpoint (PTB's weight averaging is built on them
 import torch
 import torch.nn as nn
 
-import lem
+import lem.train
 from helpers import read_run
 
 
-class Counting(lem.Task):
+class Counting(lem.train.Task):
     name, metric = "counting", "mse"
     defaults = dict(epochs=3)
 
@@ -39,7 +39,7 @@ class Counting(lem.Task):
 
 
 def test_hooks_are_called_in_order(tmp_path):
-    summary = lem.run(Counting, ["--out-dir", str(tmp_path), "--data-dir", str(tmp_path), "--device", "cpu"])[0]
+    summary = lem.train.run(Counting, ["--out-dir", str(tmp_path), "--data-dir", str(tmp_path), "--device", "cpu"])[0]
     calls = Counting.last_calls
     assert [c[0] for c in calls] == ["step", "step", "evaluation"] * 3
     assert [c[1] for c in calls if c[0] == "evaluation"] == [1, 2, 3]
@@ -52,5 +52,5 @@ def summary_dir(tmp_path):
 
 
 def test_the_default_hooks_do_nothing():
-    task = lem.Task(None, torch.device("cpu"))
+    task = lem.train.Task(None, torch.device("cpu"))
     assert task.after_step(nn.Linear(1, 1)) is None and task.after_evaluation(1, {}) is None

@@ -1,0 +1,1 @@
+"""The adding experiment (docs/paper.md): data.py and train.py."""

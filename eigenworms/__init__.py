@@ -1,0 +1,1 @@
+"""The eigenworms experiment (docs/paper.md): data.py and train.py."""

@@ -1,0 +1,1 @@
+"""The fitzhugh_nagumo experiment (docs/paper.md): data.py and train.py."""

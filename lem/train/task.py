@@ -1,0 +1,107 @@
+"""What an experiment states: its data, model, loss, metric and the paper's defaults (docs/paper.md §3).
+
+An experiment subclasses `Task` in its train.py and calls `lem.train.run(MyTask)`. Training is cut
+into epochs; each epoch is a list of cheap batch keys (index tensors, seeds) fixed by (seed, epoch)
+alone, so a resumed run replays exactly the batches it would have seen.
+"""
+import torch
+
+from ..nn import RNNModel
+
+EVAL_BYTES = 256 * 2**20  # evaluation: as many series per call as keep the layer's outputs under this
+
+class Task:
+    """What an experiment states. Subclass it in <experiment>/train.py."""
+
+    name = None               # the experiment folder, e.g. "fitzhugh_nagumo"
+    metric = None             # key of evaluate()'s dict used for model selection and reports
+    higher_is_better = False
+    paper = None              # the paper's figure (docs/paper.md §2): LEM's, or {model: figure} where the paper
+                              # reports its baselines too
+    baseline = None           # the metric of a trivial predictor, drawn beside the curves (adding: 0.167)
+    defaults = {}             # paper hyper-parameters of the common flags (docs/paper.md §3)
+    eval_splits = ("valid", "test")
+    models = ("lem", "lstm", "gru")   # what --model offers
+    epoch = "one pass over the training set"  # what --epochs counts (the unit of the logs and of lr decay)
+    load = None               # the function that reads the data, when __init__ reads files through self.load;
+    synthetic = None          # then a stand-in of the same signature and real shapes, random values
+                              # (python -m lem.tools.bench epoch --synthetic times a task without its files)
+    input_size = None         # the model's features per step (set in __init__ when the data decides)
+    output_size = None        # the head's outputs
+    head = "last"             # RNNModel's head: 'last' (y_T) or 'every' (y_n at every step)
+
+    @staticmethod
+    def add_arguments(parser):
+        """Flags only this experiment has."""
+
+    def __init__(self, args, device):
+        """Read the data (a DataError says what is missing or corrupt). args: the parsed flags."""
+        self.args, self.device = args, device
+
+    def run_name(self):
+        a = self.args
+        return f"{a.model}_h{a.nhid}_seed{a.seed}"
+
+    def num_epochs(self):
+        return self.args.epochs
+
+    def layer_options(self):
+        """What every LEM layer of the model takes from the flags: Δt and the backend."""
+        return {"dt": self.args.dt, "backend": self.args.backend}
+
+    def model_options(self):
+        """RNNModel's further arguments for this experiment (e.g. input_dropout)."""
+        return {}
+
+    def build_model(self):
+        """The recurrent model --model names with --nhid units and this task's sizes and head; an
+        experiment with another model (PTB) builds it with layer_options()."""
+        a = self.args
+        return RNNModel(a.model, self.input_size, a.nhid, self.output_size, head=self.head,
+                        **self.layer_options(), **self.model_options())
+
+    def eval_chunk(self, steps):
+        """Series per evaluation call: as many as keep the recurrent layer's outputs (steps x series x
+        nhid float32) under EVAL_BYTES. With two threads on a shared CPU, four FitzHugh-Nagumo calls of
+        256 test series took twice as long as one of 1024 (docs/kernels.md)."""
+        return max(1, EVAL_BYTES // (steps * self.args.nhid * 4))
+
+    def train_batches(self, epoch):
+        """The keys of this epoch's batches, in order; loss() turns one into a loss."""
+        raise NotImplementedError
+
+    def loss(self, model, batch):
+        """The mean loss over one batch. Under torchrun an index batch arrives as this process's
+        share; a batch drawn inside loss() (from a seed) should keep its share with lem.share."""
+        raise NotImplementedError
+
+    def evaluate(self, model, split):
+        """A dict of metrics on one split; must hold self.metric."""
+        raise NotImplementedError
+
+    def after_step(self, model):
+        """Called after every optimizer step (e.g. to update a weight average)."""
+
+    def after_evaluation(self, epoch, metrics):
+        """Called after the evaluation that closes epoch `epoch` (1-based), before the checkpoint."""
+
+    def state_dict(self):
+        """Task state a checkpoint must keep beyond model, optimizer and RNGs."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def start(self, run_dir):
+        """Called with the run folder before training (and on --resume): files a run needs
+        beside its logs go there, e.g. psMNIST's permutation."""
+
+
+def shuffled_batches(n, batch_size, seed, epoch):
+    """Index batches of a random permutation of range(n), fixed by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def batches_in_order(n, batch_size):
+    return list(torch.arange(n).split(batch_size))

@@ -1,0 +1,1 @@
+"""The noisy_cifar experiment (docs/paper.md): data.py and train.py."""

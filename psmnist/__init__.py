@@ -1,0 +1,1 @@
+"""The psmnist experiment (docs/paper.md): data.py and train.py."""

@@ -1,0 +1,1 @@
+"""The ptb experiment (docs/paper.md): data.py and train.py."""

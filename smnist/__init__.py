@@ -1,0 +1,1 @@
+"""The smnist experiment (docs/paper.md): data.py and train.py."""
