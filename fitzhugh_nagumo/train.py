@@ -35,7 +35,7 @@ class FitzHughNagumo(lem.train.Task):
     def __init__(self, args, device):
         super().__init__(args, device)
         sizes = {"train": args.n_train, "valid": args.n_valid, "test": args.n_test}
-        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in load_splits(Path(args.data_dir), args.seed, sizes).items()}
+        self.keep_splits(load_splits(Path(args.data_dir), args.seed, sizes))
 
     def train_batches(self, epoch):
         return lem.train.shuffled_batches(self.args.n_train, self.args.batch, self.args.seed, epoch)

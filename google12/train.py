@@ -41,13 +41,10 @@ class Google12(lem.train.Task):
         sha256 = None if args.sha256.lower() == "none" else args.sha256
         splits = self.load(Path(args.data_dir), args.url, sha256, device)
         # float16 features stay float16 in memory (1.7 GB for training); batches are cast to float32
-        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in splits.items()}
+        self.keep_splits(splits)
 
     def model_options(self):
         return {"input_dropout": self.args.drop}
-
-    def train_batches(self, epoch):
-        return lem.train.shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
 
     def inputs(self, x):
         return x.float().transpose(0, 1)  # (B, 126, 80) → time-first (126, B, 80)

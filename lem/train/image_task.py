@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..data.images import split_train_valid
 from .cli import at_least
-from .task import Task, shuffled_batches
+from .task import Task
 
 
 class ImageTask(Task):
@@ -35,12 +35,8 @@ class ImageTask(Task):
         data = self.load(args.data_dir)
         images, labels = data["train"]
         train, valid = split_train_valid(len(images), args.valid_size, args.seed)
-        self.splits = {"train": (images[train], labels[train]), "valid": (images[valid], labels[valid]),
-                       "test": data["test"]}
-        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
-
-    def train_batches(self, epoch):
-        return shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
+        self.keep_splits({"train": (images[train], labels[train]), "valid": (images[valid], labels[valid]),
+                          "test": data["test"]})
 
     def loss(self, model, idx):
         images, labels = self.splits["train"]

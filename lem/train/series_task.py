@@ -6,7 +6,7 @@ A batch is an index tensor; it is cut to its longest series (lem/data/series.py)
 on padding only, and the layer runs each series for its own length.
 """
 from ..data.series import padded_batch
-from .task import Task, batches_in_order, shuffled_batches
+from .task import Task, batches_in_order
 
 
 class SeriesTask(Task):
@@ -18,11 +18,8 @@ class SeriesTask(Task):
 
     def __init__(self, args, device):
         super().__init__(args, device)
-        self.splits = {k: tuple(t.to(device) for t in v) for k, v in self.read_splits().items()}
+        self.keep_splits(self.read_splits())
         self.input_size = self.splits["train"][0].size(-1)
-
-    def train_batches(self, epoch):
-        return shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
 
     def outputs(self, model, split, idx):
         """The model's outputs on series idx of a split, and their targets."""

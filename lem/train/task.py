@@ -66,9 +66,14 @@ class Task:
         256 test series took twice as long as one of 1024 (docs/kernels.md)."""
         return max(1, EVAL_BYTES // (steps * self.args.nhid * 4))
 
+    def keep_splits(self, splits):
+        """Keep the data as self.splits = {split: (inputs, targets, ...)} on the training device."""
+        self.splits = {k: tuple(t.to(self.device) for t in v) for k, v in splits.items()}
+
     def train_batches(self, epoch):
-        """The keys of this epoch's batches, in order; loss() turns one into a loss."""
-        raise NotImplementedError
+        """The keys of this epoch's batches, in order; loss() turns one into a loss. By default:
+        shuffled index batches of --batch over the targets of self.splits["train"]."""
+        return shuffled_batches(len(self.splits["train"][1]), self.args.batch, self.args.seed, epoch)
 
     def loss(self, model, batch):
         """The mean loss over one batch. Under torchrun an index batch arrives as this process's
