@@ -85,6 +85,11 @@ class _LEMBase(nn.Module):
     def _linears(self, suffix=""):
         return tuple(getattr(self, f"{name}{suffix}") for name in ("inp2hid", "hid2hid", "transform_z"))
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: refuse with a clear error instead of TorchScript's."""
+        raise RuntimeError(f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward is Python "
+                           "that TorchScript does not take); torch.compile compiles it, torch.export.export exports it")
+
     def reset_parameters(self):
         bound = 1.0 / math.sqrt(self.hidden_size)
         for p in self.parameters():
@@ -97,8 +102,8 @@ class _LEMBase(nn.Module):
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
         if x.size(-1) != self.input_size:
             raise ShapeError(f"expected input_size = {self.input_size} features in the last dimension, got {x.size(-1)}")
-        dtype = self.inp2hid.weight.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        dtype = next((p.dtype for p in self.inp2hid.parameters() if p.is_floating_point()), x.dtype)  # none: quantized
+        if x.dtype != dtype and not kernels.autocast_enabled(x.device):
             raise ValueError(f"input must have the type {dtype}, got type {x.dtype}")
 
 
@@ -291,8 +296,8 @@ class LEM(_LEMBase):
         inp2hid, hid2hid, transform_z = self._linears(suffix)
         y_mask = self.state_dropout_mask(x.size(1), x)
         out = None
-        if backend != "reference":  # None: every GPU tier failed to launch (each warned)
-            out = kernels.fused(backend, x, inp2hid, y, z, hid2hid, transform_z, y_mask, self.dt, lengths)
+        if backend != "reference":  # None: the call must run the reference loop (kernels.fused says when)
+            out = kernels.fused(backend, x, inp2hid, y, z, hid2hid, transform_z, y_mask, self.dt, lengths, owner=self)
         if out is None:
             out = self._reference_loop(inp2hid(x), y, z, hid2hid, transform_z, y_mask, lengths)
         ys, z = out

@@ -48,8 +48,11 @@ def layer(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt):
 
 def functorch_wrapped(*tensors):
     """Whether a tensor is a torch.func transform's wrapper (vmap's batched tensor, grad's tracked
-    one): it has no storage for the fused kernels to read."""
-    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    one) or a batched gradient of autograd.grad(is_grads_batched=True) (gradcheck's check_batched_grad):
+    it has no storage for the fused kernels to read."""
+    functorch = torch._C._functorch
+    return any(t is not None and (functorch.is_functorch_wrapped_tensor(t) or functorch.is_legacy_batchedtensor(t))
+               for t in tensors)
 
 
 def recomputed_grads(inputs, needs, outputs_of, grad_outputs, dt):
