@@ -85,8 +85,9 @@ def run(tier, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt):
     activations only when a backward can follow (grad mode on and some input requires grad)."""
     gemm = gemm_dtype(x.device, x.dtype)
     keep = backward_can_follow(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask)
+    forward = gpu_forward if torch.compiler.is_compiling() else _EagerForward.apply
     try:
-        ys, zs, _ = gpu_forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
+        ys, zs, _ = forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
     except NoTierLaunched:
         return None
     return ys[1:].to(gemm), zs[-1].to(gemm)
@@ -248,3 +249,11 @@ def _recomputed_grads(ctx, inputs, grad_ys, grad_zs):
 
 
 gpu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerForward(torch.autograd.Function):
+    """gpu_forward with its autograd formula, for calls outside torch.compile: the operator's own
+    autograd has no setup_context that torch.func transforms (grad, jacrev) can use."""
+    forward = staticmethod(gpu_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
