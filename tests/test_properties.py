@@ -266,7 +266,7 @@ def test_meta_device_gives_the_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_func_grad_and_vmap(backend):
+def test_torch_func_grad_jacrev_and_vmap(backend):
     ref, layer = pair(backend)
     x = inputs(backend)[0].detach()
     results = []
@@ -279,7 +279,8 @@ def test_torch_func_grad_and_vmap(backend):
             warnings.simplefilter("ignore", RuntimeWarning)  # vmap runs the reference loop, warned
             per_model = vmap(lambda p: functional_call(m, p, (x,))[0])(ensemble)
             per_row = vmap(lambda row: m(row)[0], in_dims=1, out_dims=1)(x)
-        results.append([*grads[0].values(), grads[1], per_model, per_row])
+        jacobian = torch.func.jacrev(lambda x: m(x)[1][1].sum(0))(x)  # of z_T summed over the batch
+        results.append([*grads[0].values(), grads[1], jacobian, per_model, per_row])
     assert_all_close(results[1], results[0], f"{backend} under torch.func")
     assert_all_close(results[1][-1:], [layer(x)[0]], f"{backend}: vmap over the rows vs one batch")
 

@@ -57,20 +57,20 @@ def functorch_wrapped(*tensors):
 
 def recomputed_grads(inputs, needs, outputs_of, grad_outputs, dt):
     """The gradients of the layer at `inputs` (layer's tensor arguments, x .. lengths) that `needs`
-    marks, for the output gradients `grad_outputs` (None: none reached that output), by autograd
+    marks, for the output gradients `grad_outputs` (None: none reached that output), by a vjp
     through the reference loop. outputs_of(ys, zs) picks the outputs the gradients belong to.
 
-    In grad mode (a backward with create_graph=True) the loop runs on the saved inputs themselves,
-    so the gradients are differentiable functions of them and of grad_outputs: second derivatives
-    are the reference's. Otherwise (e.g. vmap over the backward) on detached copies."""
-    create_graph = torch.is_grad_enabled()
-    if not create_graph:
-        inputs = [t if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    with torch.enable_grad():
-        outputs = outputs_of(*layer(*inputs, dt))
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
-        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=create_graph,
-                                    allow_unused=True) if pairs else [None] * len(wanted)
-    grads = iter(torch.zeros_like(t) if g is None else g for g, t in zip(grads, wanted))
+    torch.func.vjp rather than autograd.grad, so that it works on the tensors of any transform
+    (under torch.func.vjp/jacrev the saved inputs belong to a transform's level that autograd.grad
+    would not see, and give zeros); its operations are recorded by autograd where the inputs require
+    grad in grad mode (a backward with create_graph=True), so second derivatives are the reference's."""
+    wanted = [i for i, need in enumerate(needs) if need]
+
+    def outputs(*tensors):
+        args = list(inputs)
+        for i, t in zip(wanted, tensors):
+            args[i] = t
+        return outputs_of(*layer(*args, dt))
+    outs, vjp = torch.func.vjp(outputs, *(inputs[i] for i in wanted))
+    grads = iter(vjp(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grad_outputs))))
     return [next(grads) if need else None for need in needs]
