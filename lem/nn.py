@@ -20,23 +20,12 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import kernels
+from .kernels.reference import lem_step, time_loop
 
 
 class ShapeError(ValueError, RuntimeError):
     """An input or state of the wrong shape. Both a ValueError (this project's error for bad input)
     and a RuntimeError (what nn.LSTM raises for the same mistakes), so code written for either catches it."""
-
-
-def lem_step(u_proj, y, z, hid2hid, transform_z, dt, y_mask=None):
-    """One LEM step. u_proj = inp2hid(u_n), already computed for all steps at once.
-    y_mask: optional state-dropout mask on y_{n-1} where it enters the recurrent weights."""
-    u_gate_y, u_gate_z, u_cand_y, u_cand_z = u_proj.chunk(4, -1)
-    h_gate_y, h_gate_z, h_cand_z = hid2hid(y if y_mask is None else y * y_mask).chunk(3, -1)
-    dt_y = dt * torch.sigmoid(u_gate_y + h_gate_y)
-    dt_z = dt * torch.sigmoid(u_gate_z + h_gate_z)
-    z = (1.0 - dt_z) * z + dt_z * torch.tanh(u_cand_z + h_cand_z)
-    y = (1.0 - dt_y) * y + dt_y * torch.tanh(transform_z(z) + u_cand_y)  # uses z_n, not z_{n-1}
-    return y, z
 
 
 def _dt_hint(value):
@@ -96,6 +85,11 @@ class _LEMBase(nn.Module):
     def _linears(self, suffix=""):
         return tuple(getattr(self, f"{name}{suffix}") for name in ("inp2hid", "hid2hid", "transform_z"))
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: refuse with a clear error instead of TorchScript's."""
+        raise RuntimeError(f"{type(self).__name__} cannot be compiled by torch.jit.script (its forward is Python "
+                           "that TorchScript does not take); torch.compile compiles it, torch.export.export exports it")
+
     def reset_parameters(self):
         bound = 1.0 / math.sqrt(self.hidden_size)
         for p in self.parameters():
@@ -108,8 +102,8 @@ class _LEMBase(nn.Module):
             raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
         if x.size(-1) != self.input_size:
             raise ShapeError(f"expected input_size = {self.input_size} features in the last dimension, got {x.size(-1)}")
-        dtype = self.inp2hid.weight.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        dtype = next((p.dtype for p in self.inp2hid.parameters() if p.is_floating_point()), x.dtype)  # none: quantized
+        if x.dtype != dtype and not kernels.autocast_enabled(x.device):
             raise ValueError(f"input must have the type {dtype}, got type {x.dtype}")
 
 
@@ -302,8 +296,8 @@ class LEM(_LEMBase):
         inp2hid, hid2hid, transform_z = self._linears(suffix)
         y_mask = self.state_dropout_mask(x.size(1), x)
         out = None
-        if backend != "reference":  # None: every GPU tier failed to launch (each warned)
-            out = kernels.fused(backend, x, inp2hid, y, z, hid2hid, transform_z, y_mask, self.dt, lengths)
+        if backend != "reference":  # None: the call must run the reference loop (kernels.fused says when)
+            out = kernels.fused(backend, x, inp2hid, y, z, hid2hid, transform_z, y_mask, self.dt, lengths, owner=self)
         if out is None:
             out = self._reference_loop(inp2hid(x), y, z, hid2hid, transform_z, y_mask, lengths)
         ys, z = out
@@ -314,16 +308,11 @@ class LEM(_LEMBase):
         return (_reverse(ys, lengths) if reverse else ys), y, z
 
     def _reference_loop(self, u_proj, y, z, hid2hid, transform_z, y_mask, lengths):
-        """The time loop in autograd ops (the fused backends' ground truth); with lengths, a masked
-        update keeps row b's state as it is from step lengths[b] on."""
-        live = None if lengths is None else \
-            torch.arange(u_proj.size(0), device=u_proj.device)[:, None, None] < lengths[:, None]  # (T, B, 1)
-        ys = []
-        for t, u in enumerate(u_proj):
-            y_new, z_new = lem_step(u, y, z, hid2hid, transform_z, self.dt, y_mask)
-            y, z = (y_new, z_new) if live is None else (torch.where(live[t], y_new, y), torch.where(live[t], z_new, z))
-            ys.append(y)
-        return torch.stack(ys), z
+        """The time loop in autograd ops (the fused backends' ground truth), calling the layer's own
+        Linears at every step; with lengths, a masked update keeps row b's state as it is from step
+        lengths[b] on."""
+        ys, zs = time_loop(u_proj, y, z, hid2hid, transform_z, self.dt, y_mask, lengths)
+        return ys, zs[-1]
 
 
 def _eager_when_compiled(fn):

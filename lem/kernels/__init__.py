@@ -14,12 +14,19 @@ runs on `reference`.
 """
 import os
 import warnings
+import weakref
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "onchip", "stepwise")
 GPU_BACKENDS = ("triton", "onchip", "stepwise")
 GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the GPU tiers run
+JIT_REFUSAL = (
+    "LEM cannot be recorded by torch.jit.trace (nor by torch.onnx.export with dynamo=False, which traces "
+    "with it): the trace would hold the time loop unrolled at the traced length, or the fused kernels as "
+    "constants, and give wrong outputs for other inputs without a word. torch.export.export records it: "
+    "for any sequence length on the fused backends (one lem:: operator per layer and direction; give "
+    "dynamic_shapes for the time dimension), at the exported length on 'reference'. torch.compile compiles it.")
 _broken = {}  # backend -> the error that made it unusable in this process
 
 
@@ -36,9 +43,15 @@ def triton_interpreted():
 def gemm_dtype(device, dtype):
     """The dtype of the recurrent products (and of the layer's outputs) for inputs of `dtype`: under
     torch.autocast its dtype, as nn.LSTM's outputs are; None for float64 (no GPU tier runs it)."""
-    if dtype in GEMM_DTYPES and torch.is_autocast_enabled(device.type):
+    if dtype in GEMM_DTYPES and autocast_enabled(device):
         return torch.get_autocast_dtype(device.type)
     return dtype if dtype in GEMM_DTYPES else None
+
+
+def autocast_enabled(device):
+    """torch.is_autocast_enabled for the device's type, False on meta, which autocast does not know
+    (torch.amp.is_autocast_available would ask, but torch.compile cannot trace it)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
 
 def resolve(name, device, hidden_size=1, dtype=torch.float32, gpu=None):
@@ -46,6 +59,10 @@ def resolve(name, device, hidden_size=1, dtype=torch.float32, gpu=None):
     gpu: a gpu.GPU(capability, shared memory per block) to decide for instead of the device's own
     (e.g. GPU(86, 101376): what would run on an RTX 30xx)."""
     check_backend(name)
+    if torch.jit.is_tracing():
+        raise RuntimeError(JIT_REFUSAL)
+    if device.type == "meta":
+        return "reference"  # shapes only: every backend's are the reference loop's
     if name == "auto":
         name = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "reference"
     if name == "cpp" and device.type != "cpu":
@@ -92,15 +109,77 @@ def backward_can_follow(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def fused(name, x, inp2hid, y0, z0, hid2hid, transform_z, mask, dt, lengths=None):
+def fused(name, x, inp2hid, y0, z0, hid2hid, transform_z, mask, dt, lengths=None, owner=None):
     """ys (T, B, H), z_T of the fused backend `name` (as resolved) for x (T, B, I); lengths None or
     (B,) int64 on x's device (see LEM._reference_loop); linears without bias are taken as zero bias.
-    None when the GPU tier and every tier below it failed to launch: then the caller runs the
-    reference loop."""
-    args = (x, inp2hid.weight, inp2hid.bias, y0, z0, hid2hid.weight, hid2hid.bias, transform_z.weight,
-            transform_z.bias, mask, lengths, dt)
+    None when the caller must run the reference loop instead: when the linears' own forward would not
+    be the product of their .weight and .bias (warned once per `owner`, see _why_not_fused), under
+    torch.func.vmap, or when the GPU tier and every tier below it failed to launch."""
+    linears = {"inp2hid": inp2hid, "hid2hid": hid2hid, "transform_z": transform_z}
+    reason = _why_not_fused(linears)
+    if reason is None and not torch.compiler.is_compiling() and _under_vmap():
+        reason = "the call runs under torch.func.vmap, for which the fused kernels have no batching rule"
+    if reason is not None:
+        _warn_once(owner if owner is not None else inp2hid, reason)
+        return None
+    weights = [_weights(linear, x) for linear in linears.values()]
+    args = (x, *weights[0], y0, z0, *weights[1], *weights[2], mask, lengths, dt)
     if name == "cpp":
         from .cpu import lem_cpu
         return lem_cpu(*args)
     from . import gpu
     return gpu.run(name, *args)
+
+
+def _why_not_fused(linears):
+    """Why a fused kernel would not compute what these nn.Linear modules compute in the reference
+    loop (None: it would): a forward of their own (a subclass, a dynamically quantized Linear), hooks
+    that run around every call (the module's or global ones), or forward pre-hooks other than those
+    that only recompute .weight from other parameters (pruning, old weight_norm: run once per call by
+    _weights). Parametrizations need nothing: reading .weight computes the parametrized weight."""
+    from torch.nn.modules import module as hooks
+    for name, linear in linears.items():
+        if type(linear).forward is not torch.nn.Linear.forward:
+            return f"{name} is a {type(linear).__module__}.{type(linear).__qualname__}, with a forward of its own"
+        if linear._forward_hooks or linear._backward_hooks or linear._backward_pre_hooks or \
+                hooks._global_forward_hooks or hooks._global_backward_hooks or hooks._global_backward_pre_hooks:
+            return f"{name} has forward or backward hooks (its own or global ones), which run at every step"
+        pre_hooks = [h for key, h in linear._forward_pre_hooks.items()
+                     if not isinstance(h, _weight_only_pre_hooks()) or key in linear._forward_pre_hooks_with_kwargs]
+        if pre_hooks or hooks._global_forward_pre_hooks:
+            return f"{name} has forward pre-hooks (e.g. nn.utils.spectral_norm's), which run at every step"
+    return None
+
+
+def _weight_only_pre_hooks():
+    """Forward pre-hooks that set .weight to a function of other parameters and do nothing else: one
+    run per call gives the weight every step of the reference loop uses."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.weight_norm import WeightNorm
+    return BasePruningMethod, WeightNorm
+
+
+def _weights(linear, x):
+    """(weight, bias) as linear's forward would use them at this call: its weight-only pre-hooks run
+    first (a stale .weight from the previous call is never read)."""
+    for hook in linear._forward_pre_hooks.values():
+        hook(linear, (x,))
+    return linear.weight, linear.bias
+
+
+def _under_vmap():
+    """Whether a torch.func.vmap is active: the fused operators have no batching rule."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+_warned = weakref.WeakKeyDictionary()  # owner module -> the reasons it was warned about
+
+
+def _warn_once(owner, reason):
+    reasons = _warned.setdefault(owner, set())
+    if reason not in reasons:
+        reasons.add(reason)
+        warnings.warn(f"{type(owner).__name__}: {reason}: the fused kernels cannot honour that, so this layer "
+                      f"runs the slower 'reference' loop", RuntimeWarning, stacklevel=5)

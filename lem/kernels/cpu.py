@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backward_can_follow
+from . import backward_can_follow, reference
 
 SOURCE = Path(__file__).with_name("lem_cpu.cpp")
 BUILD_DIR = None  # None: torch's cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)
@@ -141,17 +141,24 @@ def _setup_context(ctx, inputs, output):
     x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep = inputs
     ys, z_T, zs, acts = output
     ctx.dt = dt
-    ctx.save_for_backward(x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ys, zs, acts)
+    ctx.save_for_backward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, ys, zs, acts)
     ctx.mark_non_differentiable(zs, acts)
     ctx.set_materialize_grads(False)  # no zero-filled (T, B, ·) gradients for outputs the loss does not reach
 
 
 def _backward_with(backward):
+    """The autograd formula of cpu_forward: the C++ backward, or, where its result would not be
+    differentiable (a backward with create_graph=True) or its inputs have no storage (torch.func
+    transforms), autograd through the reference loop (reference.recomputed_grads)."""
     def formula(ctx, grad_ys, grad_zT, _grad_zs, _grad_acts):
-        x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ys, zs, acts = ctx.saved_tensors
-        grads = backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt,
-                         ctx.needs_input_grad[0])
-        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None, None)
+        *inputs, ys, zs, acts = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:11]
+        if torch.is_grad_enabled() or reference.functorch_wrapped(grad_ys, grad_zT, *inputs):
+            grads = reference.recomputed_grads(inputs, needs, lambda ys, zs: (ys, zs[-1]), (grad_ys, grad_zT), ctx.dt)
+            return (*grads, None, None)
+        x, w_in, _, y0, z0, w_hh, _, w_tz, _, mask, lengths = inputs
+        grads = backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt, needs[0])
+        return (*(g if needed else None for g, needed in zip(grads, needs)), None, None, None, None)
     return formula
 
 

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backward_can_follow, gemm_dtype, onchip, stepwise
+from . import backward_can_follow, gemm_dtype, onchip, reference, stepwise
 
 TIERS = {"onchip": onchip, "stepwise": stepwise}  # fastest first
 GPU = namedtuple("GPU", "capability shared_memory")  # e.g. (86, 101376): sm_86, bytes per block (opt-in)
@@ -85,8 +85,9 @@ def run(tier, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt):
     activations only when a backward can follow (grad mode on and some input requires grad)."""
     gemm = gemm_dtype(x.device, x.dtype)
     keep = backward_can_follow(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask)
+    forward = gpu_forward if torch.compiler.is_compiling() else _EagerForward.apply
     try:
-        ys, zs, _ = gpu_forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
+        ys, zs, _ = forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
     except NoTierLaunched:
         return None
     return ys[1:].to(gemm), zs[-1].to(gemm)
@@ -216,13 +217,18 @@ def _setup_context(ctx, inputs, output):
     ys, zs, acts = output
     ctx.tier, ctx.gemm, ctx.dt = tier, gemm, dt
     ctx.dtypes = [None if t is None else t.dtype for t in (x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz)]  # of the gradients
-    ctx.save_for_backward(x, w_in, w_hh, w_tz, mask, lengths, ys, zs, acts)
+    ctx.save_for_backward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, ys, zs, acts)
     ctx.mark_non_differentiable(acts)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_ys, grad_zs, _grad_acts):
-    x, w_in, w_hh, w_tz, mask, lengths, ys, zs, acts = ctx.saved_tensors
+    """The tiers' backward, or autograd through the reference loop where its result would not be
+    differentiable (create_graph=True) or its inputs have no storage (torch.func transforms)."""
+    *inputs, ys, zs, acts = ctx.saved_tensors
+    if torch.is_grad_enabled() or reference.functorch_wrapped(grad_ys, grad_zs, *inputs):
+        return (None, None, *_recomputed_grads(ctx, inputs, grad_ys, grad_zs), None, None)
+    x, w_in, _, _, _, w_hh, _, w_tz, _, mask, lengths = inputs
     grads = gpu_backward(ctx.tier, ctx.gemm, None if grad_ys is None else grad_ys[1:],
                          None if grad_zs is None else grad_zs[-1], acts, ys, zs, x, w_in, w_hh, w_tz, mask, lengths,
                          ctx.dt, ctx.needs_input_grad[2])
@@ -230,4 +236,24 @@ def _backward(ctx, grad_ys, grad_zs, _grad_acts):
     return (None, None, *grads, None, None, None, None)
 
 
+def _recomputed_grads(ctx, inputs, grad_ys, grad_zs):
+    """reference.recomputed_grads for gpu_forward's outputs: ys and zs with the state as step 0 (zs
+    only z_T where no backward was expected), float32, the products in the GEMM dtype as here."""
+    x, y0, z0 = inputs[0], inputs[3], inputs[4]
+
+    def outputs_of(ys, zs):
+        zs = torch.cat([z0[None].float(), zs.float()]) if grad_zs is None or grad_zs.size(0) > 1 else zs[-1:].float()
+        return torch.cat([y0[None].float(), ys.float()]), zs
+    with torch.autocast(x.device.type, dtype=ctx.gemm, enabled=ctx.gemm != x.dtype):
+        return reference.recomputed_grads(inputs, ctx.needs_input_grad[2:13], outputs_of, (grad_ys, grad_zs), ctx.dt)
+
+
 gpu_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerForward(torch.autograd.Function):
+    """gpu_forward with its autograd formula, for calls outside torch.compile: the operator's own
+    autograd has no setup_context that torch.func transforms (grad, jacrev) can use."""
+    forward = staticmethod(gpu_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
