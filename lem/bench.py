@@ -10,6 +10,9 @@
 kernels: the LEM layer alone. For each configuration and device, wall times (median of several
 runs after a warm-up; the backends take turns in every round, so that other load on a shared
 machine hits all of them alike) with their ratios to nn.LSTM of the same hidden size:
+  - each row's precision: our backends multiply in strict float32 (torch's default for cuBLAS, and
+    the on-chip tier's tl.dot); nn.LSTM is timed in strict float32 ("nn.LSTM", the row the ratios
+    take) and, on CUDA, at torch's default, where cuDNN multiplies in TF32 ("nn.LSTM default");
   - forward+backward (also against the reference loop), and the memory the autograd graph holds
     for backward (CPU) or the peak allocated memory (CUDA);
   - forward only, with grad mode on (what a training forward keeps) and under torch.no_grad()
@@ -30,6 +33,7 @@ cast) on synthetic clips in the archive's format (16 kHz 16-bit mono): 90 % of 1
 each of its own length (the worst case for batching by length).
 """
 import argparse
+import contextlib
 import ctypes
 import gc
 import os
@@ -150,8 +154,10 @@ def forward_only(module, x):
 
 
 def backends_for(device, H):
-    """The loops to time: the reference, and on CPU the fused one, on CUDA every GPU tier that runs at H."""
-    names = ["reference", "cpp"] if device.type == "cpu" else ["reference", "onchip", "stepwise"]
+    """The loops to time: the reference, and on CPU the fused one, on CUDA (or CPU tensors under
+    TRITON_INTERPRET=1, as the GPU check's dry run) every GPU tier that runs at H."""
+    gpu = device.type == "cuda" or kernels.triton_interpreted()
+    names = ["reference", "onchip", "stepwise"] if gpu else ["reference", "cpp"]
     return [n for n in names if n == "reference" or runs(n, device, H)]
 
 
@@ -162,24 +168,61 @@ def runs(backend, device, H):
         return False
 
 
+@contextlib.contextmanager
+def tf32(allowed):
+    """cuBLAS's and cuDNN's float32 products in TF32 (allowed) or strict float32 inside the block."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+LSTM_DEFAULT = "nn.LSTM default"  # cuDNN at torch's default flags: TF32 products
+
+
+def timed_rows(device, H, I, stack):
+    """{row: (module, TF32 allowed)}: every backend and nn.LSTM in strict float32 (what our products
+    compute); on CUDA also nn.LSTM at torch's default, under which cuDNN multiplies in TF32."""
+    rows = {backend: (LEM(I, H, **stack, backend=backend).to(device), False) for backend in backends_for(device, H)}
+    rows["nn.LSTM"] = (nn.LSTM(I, H, **stack).to(device), False)
+    if device.type == "cuda":
+        rows[LSTM_DEFAULT] = (nn.LSTM(I, H, **stack).to(device), torch.backends.cudnn.allow_tf32)
+    return rows
+
+
+def precision(row, device, allowed):
+    """What a row's float32 products are: on CUDA cuBLAS and cuDNN follow the TF32 flags, the on-chip
+    tier's tl.dot is strict (input_precision="ieee"); on CPU every product is float32."""
+    return "TF32" if device.type == "cuda" and allowed and row != "onchip" else "fp32"
+
+
+def under_tf32(allowed, fn):
+    def run():
+        with tf32(allowed):
+            return fn()
+    return run
+
+
 def bench_config(name, device, repeats, budget_s):
     """{backend: {"fwd+bwd", "fwd train", "fwd no_grad": s, "memory", "peak train", "peak no_grad": bytes}}
     for one configuration."""
     T, B, H, I = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(T, B, I, device=device)
-    stack = STACKS.get(name, {})
-    modules = {backend: LEM(I, H, **stack, backend=backend).to(device) for backend in backends_for(device, H)}
-    modules["nn.LSTM"] = nn.LSTM(I, H, **stack).to(device)
+    timed = timed_rows(device, H, I, STACKS.get(name, {}))
     modes = {"fwd+bwd": forward_backward, "fwd train": forward_train, "fwd no_grad": forward_only}
-    rows = {k: {} for k in modules}
+    rows = {k: {"precision": precision(k, device, allowed)} for k, (m, allowed) in timed.items()}
     for mode, make in modes.items():
-        for k, seconds in interleaved_medians({k: make(m, x) for k, m in modules.items()}, device, repeats, budget_s).items():
+        fns = {k: under_tf32(allowed, make(m, x)) for k, (m, allowed) in timed.items()}
+        for k, seconds in interleaved_medians(fns, device, repeats, budget_s).items():
             rows[k][mode] = seconds
-    for k, m in modules.items():
-        rows[k]["memory"] = memory(m, x)
-        rows[k]["peak train"] = peak_bytes(forward_train(m, x), device)
-        rows[k]["peak no_grad"] = peak_bytes(forward_only(m, x), device)
+    for k, (m, allowed) in timed.items():
+        with tf32(allowed):
+            rows[k]["memory"] = memory(m, x)
+            rows[k]["peak train"] = peak_bytes(forward_train(m, x), device)
+            rows[k]["peak no_grad"] = peak_bytes(forward_only(m, x), device)
     return rows
 
 
@@ -192,25 +235,28 @@ def table(name, device, rows):
     ref, lstm = rows["reference"], rows["nn.LSTM"]
     mem = "peak MB" if device.type == "cuda" else "saved MB"
     stack = "".join(f", {k} {v}" for k, v in STACKS.get(name, {}).items())
-    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}{stack}) on {device.type}",
-             f"| backend | fwd+bwd ms | speed-up vs reference | vs nn.LSTM | {mem} |", "|---|---|---|---|---|"]
+    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}{stack}) on {device.type}; vs nn.LSTM: against its strict fp32 row",
+             f"| backend | fwd+bwd ms | speed-up vs reference | vs nn.LSTM | {mem} | precision |",
+             "|---|---|---|---|---|---|"]
     for backend, r in rows.items():
         fb = r["fwd+bwd"]
         lines.append(f"| {backend} | {fb * 1e3:.1f} | {ref['fwd+bwd'] / fb:.2f}x | {lstm['fwd+bwd'] / fb:.2f}x | "
-                     f"{megabytes(r['memory'])} |")
-    lines += ["", "| backend | forward | ms | speed-up vs reference | vs nn.LSTM | peak MB |", "|---|---|---|---|---|---|"]
+                     f"{megabytes(r['memory'])} | {r['precision']} |")
+    lines += ["", "| backend | forward | ms | speed-up vs reference | vs nn.LSTM | peak MB | precision |",
+              "|---|---|---|---|---|---|---|"]
     for backend, r in rows.items():
         for mode, label in (("train", "grad mode on"), ("no_grad", "no_grad")):
             f = r[f"fwd {mode}"]
             lines.append(f"| {backend} | {label} | {f * 1e3:.1f} | {ref[f'fwd {mode}'] / f:.2f}x | "
-                         f"{lstm[f'fwd {mode}'] / f:.2f}x | {megabytes(r[f'peak {mode}'])} |")
+                         f"{lstm[f'fwd {mode}'] / f:.2f}x | {megabytes(r[f'peak {mode}'])} | {r['precision']} |")
     return "\n".join(lines)
 
 
 def kernels_main(args):
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}; TF32 allowed by default: "
+          f"cuBLAS {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}")
     for device in map(torch.device, devices):
         for name in args.configs:
             print(table(name, device, bench_config(name, device, args.repeats, args.budget)), flush=True)
