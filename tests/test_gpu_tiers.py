@@ -6,6 +6,7 @@ Runs on CUDA tensors where a GPU is present. Without one, test_kernels.py runs t
 process under TRITON_INTERPRET=1 (Triton's interpreter on CPU tensors; it has no bfloat16 tl.dot, so
 the on-chip tier's half-precision path is checked there in float16, the same code).
 """
+import contextlib
 import os
 import warnings
 
@@ -204,3 +205,52 @@ def test_experiment_sizes_run_without_falling_back(T, B, H, I):
 @pytest.mark.skipif(INTERPRETED, reason="asks this GPU")
 def test_auto_picks_a_fused_tier_on_this_gpu():
     assert {kernels.resolve("auto", DEVICE, H, torch.float32) for H in range(1, 1025)} <= {"onchip", "stepwise"}
+
+
+STICKY = "CUDA error: an illegal memory access was encountered"
+
+
+def test_a_failed_device_is_no_tier_failure():
+    """torch.AcceleratorError (a sticky asynchronous CUDA error) goes to the caller, as
+    OutOfMemoryError does: the next tier and the reference loop would only fail on it too."""
+    def broken(t):
+        raise torch.AcceleratorError(STICKY)
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        gpu._first_that_launches("onchip", torch.float32, DEVICE, 12, broken)
+    assert gpu._failed == {}
+
+
+def _on_a_second_gpu(monkeypatch):
+    """cuda:1 as the calls' device, with torch.cuda.device recording what it is entered with."""
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(gpu, "gpu_of", lambda d: gpu.INTERPRETER_GPU)
+    return torch.device("cuda", 1), entered
+
+
+def test_tiers_launch_on_their_tensors_device(monkeypatch):
+    cuda1, entered = _on_a_second_gpu(monkeypatch)
+    assert gpu._first_that_launches("onchip", torch.float32, cuda1, 12, lambda t: (t, list(entered))) == ("onchip", [cuda1])
+
+
+def test_a_launch_error_from_a_failed_device_propagates(monkeypatch):
+    """Triton reports a sticky error at its next launch as its own RuntimeError: synchronising the
+    device then raises AcceleratorError, and no tier is marked failed."""
+    cuda1, entered = _on_a_second_gpu(monkeypatch)
+    synced = []
+
+    def synchronize(d):
+        synced.append(d)
+        raise torch.AcceleratorError(STICKY)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+
+    def launch_fails(t):
+        raise RuntimeError(f"Triton Error [CUDA]: {STICKY}")
+    with pytest.raises(torch.AcceleratorError):
+        gpu._first_that_launches("onchip", torch.float32, cuda1, 12, launch_fails)
+    assert synced == [cuda1] and gpu._failed == {}
