@@ -13,6 +13,8 @@ machine hits all of them alike) with their ratios to nn.LSTM of the same hidden 
   - each row's precision: our backends multiply in strict float32 (torch's default for cuBLAS, and
     the on-chip tier's tl.dot); nn.LSTM is timed in strict float32 ("nn.LSTM", the row the ratios
     take) and, on CUDA, at torch's default, where cuDNN multiplies in TF32 ("nn.LSTM default");
+    on CUDA the stepwise tier with its CUDA graphs ("stepwise") and launching step by step
+    ("stepwise eager");
   - forward+backward (also against the reference loop), and the memory the autograd graph holds
     for backward (CPU) or the peak allocated memory (CUDA);
   - forward only, with grad mode on (what a training forward keeps) and under torch.no_grad()
@@ -182,13 +184,19 @@ def tf32(allowed):
 LSTM_DEFAULT = "nn.LSTM default"  # cuDNN at torch's default flags: TF32 products
 
 
+STEPWISE_EAGER = "stepwise eager"  # the stepwise tier launching step by step, without its CUDA graphs
+
+
 def timed_rows(device, H, I, stack):
-    """{row: (module, TF32 allowed)}: every backend and nn.LSTM in strict float32 (what our products
-    compute); on CUDA also nn.LSTM at torch's default, under which cuDNN multiplies in TF32."""
-    rows = {backend: (LEM(I, H, **stack, backend=backend).to(device), False) for backend in backends_for(device, H)}
-    rows["nn.LSTM"] = (nn.LSTM(I, H, **stack).to(device), False)
+    """{row: (module, TF32 allowed, CUDA graphs on)}: every backend and nn.LSTM in strict float32
+    (what our products compute); on CUDA also nn.LSTM at torch's default, under which cuDNN
+    multiplies in TF32, and the stepwise tier without its CUDA graphs."""
+    rows = {backend: (LEM(I, H, **stack, backend=backend).to(device), False, True) for backend in backends_for(device, H)}
+    if device.type == "cuda" and "stepwise" in rows:
+        rows[STEPWISE_EAGER] = (rows["stepwise"][0], False, False)
+    rows["nn.LSTM"] = (nn.LSTM(I, H, **stack).to(device), False, True)
     if device.type == "cuda":
-        rows[LSTM_DEFAULT] = (nn.LSTM(I, H, **stack).to(device), torch.backends.cudnn.allow_tf32)
+        rows[LSTM_DEFAULT] = (nn.LSTM(I, H, **stack).to(device), torch.backends.cudnn.allow_tf32, True)
     return rows
 
 
@@ -198,9 +206,33 @@ def precision(row, device, allowed):
     return "TF32" if device.type == "cuda" and allowed and row != "onchip" else "fp32"
 
 
-def under_tf32(allowed, fn):
+@contextlib.contextmanager
+def row_settings(allowed, graphs):
+    """TF32 allowed or not; with graphs False, the stepwise tier's CUDA graphs off inside the block."""
+    with tf32(allowed), (contextlib.nullcontext() if graphs else graphs_off()):
+        yield
+
+
+@contextlib.contextmanager
+def graphs_off():
+    from .kernels import stepwise  # here, not at the top: it needs Triton
+    before, stepwise.GRAPHS.enabled = stepwise.GRAPHS.enabled, False
+    try:
+        yield
+    finally:
+        stepwise.GRAPHS.enabled = before
+
+
+def graphs_report():
+    from .kernels import stepwise
+    g = stepwise.GRAPHS
+    off = "" if g.enabled else "; a capture failed, graphs off"
+    return f"(stepwise CUDA graphs so far: {g.captures} captured, {g.replays} replays{off})"
+
+
+def under(settings, fn):
     def run():
-        with tf32(allowed):
+        with row_settings(*settings):
             return fn()
     return run
 
@@ -213,13 +245,13 @@ def bench_config(name, device, repeats, budget_s):
     x = torch.randn(T, B, I, device=device)
     timed = timed_rows(device, H, I, STACKS.get(name, {}))
     modes = {"fwd+bwd": forward_backward, "fwd train": forward_train, "fwd no_grad": forward_only}
-    rows = {k: {"precision": precision(k, device, allowed)} for k, (m, allowed) in timed.items()}
+    rows = {k: {"precision": precision(k, device, allowed)} for k, (m, allowed, _) in timed.items()}
     for mode, make in modes.items():
-        fns = {k: under_tf32(allowed, make(m, x)) for k, (m, allowed) in timed.items()}
+        fns = {k: under(settings, make(m, x)) for k, (m, *settings) in timed.items()}
         for k, seconds in interleaved_medians(fns, device, repeats, budget_s).items():
             rows[k][mode] = seconds
-    for k, (m, allowed) in timed.items():
-        with tf32(allowed):
+    for k, (m, *settings) in timed.items():
+        with row_settings(*settings):
             rows[k]["memory"] = memory(m, x)
             rows[k]["peak train"] = peak_bytes(forward_train(m, x), device)
             rows[k]["peak no_grad"] = peak_bytes(forward_only(m, x), device)
@@ -260,6 +292,8 @@ def kernels_main(args):
     for device in map(torch.device, devices):
         for name in args.configs:
             print(table(name, device, bench_config(name, device, args.repeats, args.budget)), flush=True)
+            if device.type == "cuda":
+                print(graphs_report(), flush=True)
 
 
 def clock(device):
