@@ -26,6 +26,7 @@ Precision: the products take their inputs in the GEMM dtype, float32 or, under t
 autocast dtype (bfloat16/float16, with float32 accumulation); state, gates and their derivatives are
 float32. The outputs are in the GEMM dtype, as nn.LSTM's are under autocast.
 """
+import contextlib
 import warnings
 from collections import namedtuple
 from typing import Optional
@@ -101,17 +102,31 @@ def _fail(tier, gpu, H, gemm, error):
 
 
 def _first_that_launches(tier, gemm, device, H, fn):
-    """fn(t) of the first tier t from `tier` down whose kernels compile and launch (see _fail)."""
+    """fn(t) of the first tier t from `tier` down whose kernels compile and launch (see _fail), with
+    `device` the current CUDA device (Triton launches on the current one, not on its tensors')."""
     gpu = gpu_of(device)
-    with torch.autocast(device.type, enabled=False):
+    with torch.autocast(device.type, enabled=False), _on(device):
         for t in _usable_from(tier, gpu, H, gemm):
             try:
                 return fn(t)
-            except torch.OutOfMemoryError:
-                raise  # not the tier's fault: the next one needs no less memory
+            except (torch.OutOfMemoryError, torch.AcceleratorError):
+                raise  # not the tier's fault: the next one needs no less memory, or the device has failed
             except Exception as error:  # Triton's OutOfResources, a compiler or driver error
+                _raise_if_the_device_failed(device)
                 _fail(t, gpu, H, gemm, error)
     raise NoTierLaunched(f"no LEM GPU tier from {tier!r} down launched at H = {H} in {gemm} on sm_{gpu.capability}")
+
+
+def _on(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _raise_if_the_device_failed(device):
+    """A sticky asynchronous CUDA error (an illegal address, say) may reach us as Triton's own
+    RuntimeError at a launch: then the device is unusable for every tier and the reference loop
+    too, and synchronising raises torch.AcceleratorError, which goes to the caller."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _swap_candidates(t):

@@ -8,11 +8,15 @@ Forward, step n:  h = (y_{n-1} ⊙ mask) W_hhᵀ        GEMM into a (B, 3H) buff
                   y_n                            _forward_y (also writes y_n ⊙ mask for the next GEMM)
 Backward mirrors it with the transposed products (dL/dz_n += dL/dq W_y, dL/d(y ⊙ mask) = dL/da W_hh).
 All buffers exist before the time loop, which neither allocates nor synchronises with the host,
-so that a whole call can be captured in a CUDA graph (not tried yet: no GPU was available).
+so that a whole loop is captured in a CUDA graph and replayed (Graphs, below) instead of launching
+4·T kernels from Python.
 Layouts as in onchip.py. With per-row lengths (HAS_LEN) the elementwise kernels keep a row's y and z
 as they are from step lengths[b] on and write zero gradients of u_proj there; the GEMMs still take
 every row (skipping ended rows would need their count on the host, a synchronisation per step).
 """
+import warnings
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
@@ -129,6 +133,15 @@ def _backward_z(acts_ptr, zs_ptr, gz_ptr, dzy_ptr, len_ptr, du_ptr, n, B, H, dt,
 
 def forward(u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, dt):
     """Fills ys[1:], and zs[1:] and acts when acts is given (else zs (1, B, H) goes from z_0 to z_T)."""
+    GRAPHS.run("forward", _forward_loop, (u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts), dt)
+
+
+def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz, dt):
+    """Fills du (T, B, 4H); gy, gz: dL/dy_0, dL/dz_0 on exit (gz holds dL/dz_T on entry, gy zeros)."""
+    GRAPHS.run("backward", _backward_loop, (grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz), dt)
+
+
+def _forward_loop(u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, dt):
     T, B, H = u.size(0), u.size(1), ys.size(2)
     keep = acts is not None
     h, q = u.new_empty(B, 3 * H), u.new_empty(B, H)
@@ -146,8 +159,7 @@ def forward(u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, dt):
                HAS_MASK=mask is not None, HAS_LEN=lengths is not None, BLOCK=BLOCK)
 
 
-def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz, dt):
-    """Fills du (T, B, 4H); gy, gz: dL/dy_0, dL/dz_0 on exit (gz holds dL/dz_T on entry, gy zeros)."""
+def _backward_loop(grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz, dt):
     T, B, H = acts.size(0), acts.size(1), ys.size(2)
     dzy, dym = du.new_empty(B, H), du.new_zeros(B, H)
     grid = (triton.cdiv(B * H, BLOCK),)
@@ -159,3 +171,62 @@ def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz, dt):
         torch.mm(du[n, :, :3 * H], w_hh, out=dym)
     gy += dym if mask is None else dym * mask
 
+
+class Graphs:
+    """CUDA graphs of whole loops: per call 4·T launches from Python become one replay.
+
+    A graph is kept per loop and per call signature: every tensor's address, shape, strides and dtype,
+    and dt. A call whose tensors are where a captured call's were (what a training loop's caching
+    allocator gives each iteration of the same sizes) replays that graph: it reads and writes those
+    same addresses, so it computes what the eager loop would, launch for launch. Scratch buffers are
+    allocated during the capture from the graph's own memory pool and kept with it. A signature is
+    captured on its second call, so that the first, eager, compiles the kernels (no compile or
+    module load happens during a capture), and calls whose tensors never come back cost nothing
+    more than a look-up. Eager launches run where graphs are off (`enabled`), off CUDA, inside
+    another capture (torch.compile's CUDA graphs) and after a capture fails (one warning, then
+    graphs stay off in this process)."""
+
+    def __init__(self, size=16):
+        self.enabled, self.size = True, size
+        self.graphs, self.seen = OrderedDict(), OrderedDict()  # signature -> (graph, scratch); -> None
+        self.captures = self.replays = 0
+
+    def run(self, name, loop, tensors, dt):
+        device = tensors[0].device
+        if not self.enabled or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return loop(*tensors, dt)
+        key = (name, dt, device, *[None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors])
+        graph = self.graphs.get(key)
+        if graph is None and key in self.seen:
+            graph = self._capture(key, loop, tensors, dt)
+        if graph is None:
+            _remember(self.seen, key, None, 4 * self.size)
+            return loop(*tensors, dt)
+        self.graphs.move_to_end(key)
+        graph.replay()
+        self.replays += 1
+
+    def _capture(self, key, loop, tensors, dt):
+        """The graph of loop(*tensors, dt), kept under key; None (graphs off from now on) if it fails."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                loop(*tensors, dt)
+        except Exception as error:  # a cuBLAS or driver call that cannot be captured: launch eagerly
+            self.enabled = False
+            warnings.warn(f"LEM's stepwise tier could not capture its loop in a CUDA graph ({type(error).__name__}: "
+                          f"{str(error).strip()[:300]}); launching step by step", RuntimeWarning, stacklevel=5)
+            return None
+        _remember(self.graphs, key, graph, self.size)
+        self.captures += 1
+        return graph
+
+
+def _remember(cache, key, value, size):
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+GRAPHS = Graphs()

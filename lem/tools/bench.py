@@ -9,6 +9,11 @@
 kernels: the LEM layer alone. For each configuration and device, wall times (median of several
 runs after a warm-up; the backends take turns in every round, so that other load on a shared
 machine hits all of them alike) with their ratios to nn.LSTM of the same hidden size:
+  - each row's precision: our backends multiply in strict float32 (torch's default for cuBLAS, and
+    the on-chip tier's tl.dot); nn.LSTM is timed in strict float32 ("nn.LSTM", the row the ratios
+    take) and, on CUDA, at torch's default, where cuDNN multiplies in TF32 ("nn.LSTM default");
+    on CUDA the stepwise tier with its CUDA graphs ("stepwise") and launching step by step
+    ("stepwise eager");
   - forward+backward (also against the reference loop), and the memory the autograd graph holds
     for backward (CPU) or the peak allocated memory (CUDA);
   - forward only, with grad mode on (what a training forward keeps) and under torch.no_grad()
@@ -27,6 +32,7 @@ outside the model (reading the batch, the loss), timed by replaying the model's 
 Google12's feature extraction is timed by google12/time_features.py.
 """
 import argparse
+import contextlib
 import ctypes
 import gc
 import os
@@ -147,8 +153,10 @@ def forward_only(module, x):
 
 
 def backends_for(device, H):
-    """The loops to time: the reference, and on CPU the fused one, on CUDA every GPU tier that runs at H."""
-    names = ["reference", "cpp"] if device.type == "cpu" else ["reference", "onchip", "stepwise"]
+    """The loops to time: the reference, and on CPU the fused one, on CUDA (or CPU tensors under
+    TRITON_INTERPRET=1, as the GPU check's dry run) every GPU tier that runs at H."""
+    gpu = device.type == "cuda" or kernels.triton_interpreted()
+    names = ["reference", "onchip", "stepwise"] if gpu else ["reference", "cpp"]
     return [n for n in names if n == "reference" or runs(n, device, H)]
 
 
@@ -159,24 +167,91 @@ def runs(backend, device, H):
         return False
 
 
+@contextlib.contextmanager
+def tf32(allowed):
+    """cuBLAS's and cuDNN's float32 products in TF32 (allowed) or strict float32 inside the block."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+LSTM_DEFAULT = "nn.LSTM default"  # cuDNN at torch's default flags: TF32 products
+
+
+STEPWISE_EAGER = "stepwise eager"  # the stepwise tier launching step by step, without its CUDA graphs
+
+
+def timed_rows(device, H, I, stack):
+    """{row: (module, TF32 allowed, CUDA graphs on)}: every backend and nn.LSTM in strict float32
+    (what our products compute); on CUDA also nn.LSTM at torch's default, under which cuDNN
+    multiplies in TF32, and the stepwise tier without its CUDA graphs."""
+    rows = {backend: (LEM(I, H, **stack, backend=backend).to(device), False, True) for backend in backends_for(device, H)}
+    if device.type == "cuda" and "stepwise" in rows:
+        rows[STEPWISE_EAGER] = (rows["stepwise"][0], False, False)
+    rows["nn.LSTM"] = (nn.LSTM(I, H, **stack).to(device), False, True)
+    if device.type == "cuda":
+        rows[LSTM_DEFAULT] = (nn.LSTM(I, H, **stack).to(device), torch.backends.cudnn.allow_tf32, True)
+    return rows
+
+
+def precision(row, device, allowed):
+    """What a row's float32 products are: on CUDA cuBLAS and cuDNN follow the TF32 flags, the on-chip
+    tier's tl.dot is strict (input_precision="ieee"); on CPU every product is float32."""
+    return "TF32" if device.type == "cuda" and allowed and row != "onchip" else "fp32"
+
+
+@contextlib.contextmanager
+def row_settings(allowed, graphs):
+    """TF32 allowed or not; with graphs False, the stepwise tier's CUDA graphs off inside the block."""
+    with tf32(allowed), (contextlib.nullcontext() if graphs else graphs_off()):
+        yield
+
+
+@contextlib.contextmanager
+def graphs_off():
+    from .kernels import stepwise  # here, not at the top: it needs Triton
+    before, stepwise.GRAPHS.enabled = stepwise.GRAPHS.enabled, False
+    try:
+        yield
+    finally:
+        stepwise.GRAPHS.enabled = before
+
+
+def graphs_report():
+    from .kernels import stepwise
+    g = stepwise.GRAPHS
+    off = "" if g.enabled else "; a capture failed, graphs off"
+    return f"(stepwise CUDA graphs so far: {g.captures} captured, {g.replays} replays{off})"
+
+
+def under(settings, fn):
+    def run():
+        with row_settings(*settings):
+            return fn()
+    return run
+
+
 def bench_config(name, device, repeats, budget_s):
     """{backend: {"fwd+bwd", "fwd train", "fwd no_grad": s, "memory", "peak train", "peak no_grad": bytes}}
     for one configuration."""
     T, B, H, I = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(T, B, I, device=device)
-    stack = STACKS.get(name, {})
-    modules = {backend: LEM(I, H, **stack, backend=backend).to(device) for backend in backends_for(device, H)}
-    modules["nn.LSTM"] = nn.LSTM(I, H, **stack).to(device)
+    timed = timed_rows(device, H, I, STACKS.get(name, {}))
     modes = {"fwd+bwd": forward_backward, "fwd train": forward_train, "fwd no_grad": forward_only}
-    rows = {k: {} for k in modules}
+    rows = {k: {"precision": precision(k, device, allowed)} for k, (m, allowed, _) in timed.items()}
     for mode, make in modes.items():
-        for k, seconds in interleaved_medians({k: make(m, x) for k, m in modules.items()}, device, repeats, budget_s).items():
+        fns = {k: under(settings, make(m, x)) for k, (m, *settings) in timed.items()}
+        for k, seconds in interleaved_medians(fns, device, repeats, budget_s).items():
             rows[k][mode] = seconds
-    for k, m in modules.items():
-        rows[k]["memory"] = memory(m, x)
-        rows[k]["peak train"] = peak_bytes(forward_train(m, x), device)
-        rows[k]["peak no_grad"] = peak_bytes(forward_only(m, x), device)
+    for k, (m, *settings) in timed.items():
+        with row_settings(*settings):
+            rows[k]["memory"] = memory(m, x)
+            rows[k]["peak train"] = peak_bytes(forward_train(m, x), device)
+            rows[k]["peak no_grad"] = peak_bytes(forward_only(m, x), device)
     return rows
 
 
@@ -189,28 +264,33 @@ def table(name, device, rows):
     ref, lstm = rows["reference"], rows["nn.LSTM"]
     mem = "peak MB" if device.type == "cuda" else "saved MB"
     stack = "".join(f", {k} {v}" for k, v in STACKS.get(name, {}).items())
-    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}{stack}) on {device.type}",
-             f"| backend | fwd+bwd ms | speed-up vs reference | vs nn.LSTM | {mem} |", "|---|---|---|---|---|"]
+    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}{stack}) on {device.type}; vs nn.LSTM: against its strict fp32 row",
+             f"| backend | fwd+bwd ms | speed-up vs reference | vs nn.LSTM | {mem} | precision |",
+             "|---|---|---|---|---|---|"]
     for backend, r in rows.items():
         fb = r["fwd+bwd"]
         lines.append(f"| {backend} | {fb * 1e3:.1f} | {ref['fwd+bwd'] / fb:.2f}x | {lstm['fwd+bwd'] / fb:.2f}x | "
-                     f"{megabytes(r['memory'])} |")
-    lines += ["", "| backend | forward | ms | speed-up vs reference | vs nn.LSTM | peak MB |", "|---|---|---|---|---|---|"]
+                     f"{megabytes(r['memory'])} | {r['precision']} |")
+    lines += ["", "| backend | forward | ms | speed-up vs reference | vs nn.LSTM | peak MB | precision |",
+              "|---|---|---|---|---|---|---|"]
     for backend, r in rows.items():
         for mode, label in (("train", "grad mode on"), ("no_grad", "no_grad")):
             f = r[f"fwd {mode}"]
             lines.append(f"| {backend} | {label} | {f * 1e3:.1f} | {ref[f'fwd {mode}'] / f:.2f}x | "
-                         f"{lstm[f'fwd {mode}'] / f:.2f}x | {megabytes(r[f'peak {mode}'])} |")
+                         f"{lstm[f'fwd {mode}'] / f:.2f}x | {megabytes(r[f'peak {mode}'])} | {r['precision']} |")
     return "\n".join(lines)
 
 
 def kernels_main(args):
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}; TF32 allowed by default: "
+          f"cuBLAS {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}")
     for device in map(torch.device, devices):
         for name in args.configs:
             print(table(name, device, bench_config(name, device, args.repeats, args.budget)), flush=True)
+            if device.type == "cuda":
+                print(graphs_report(), flush=True)
 
 
 def clock(device):

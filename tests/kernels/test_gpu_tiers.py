@@ -6,6 +6,7 @@ Runs on CUDA tensors where a GPU is present. Without one, test_kernels.py runs t
 process under TRITON_INTERPRET=1 (Triton's interpreter on CPU tensors; it has no bfloat16 tl.dot, so
 the on-chip tier's half-precision path is checked there in float16, the same code).
 """
+import contextlib
 import os
 import warnings
 
@@ -17,7 +18,7 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 
 import lem  # noqa: E402
 from lem import kernels  # noqa: E402
-from lem.kernels import gpu, onchip, stepwise  # noqa: E402
+from lem.kernels import gpu, launch, onchip, stepwise  # noqa: E402
 from asserts import assert_close_relative, assert_compiled_is_eager, assert_lengths_match, assert_matches, assert_packed_is_each_sequence_alone  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -202,3 +203,178 @@ def test_experiment_sizes_run_without_falling_back(T, B, H, I):
 @pytest.mark.skipif(INTERPRETED, reason="asks this GPU")
 def test_auto_picks_a_fused_tier_on_this_gpu():
     assert {kernels.resolve("auto", DEVICE, H, torch.float32) for H in range(1, 1025)} <= {"onchip", "stepwise"}
+
+
+STICKY = "CUDA error: an illegal memory access was encountered"
+
+
+def test_a_failed_device_is_no_tier_failure():
+    """torch.AcceleratorError (a sticky asynchronous CUDA error) goes to the caller, as
+    OutOfMemoryError does: the next tier and the reference loop would only fail on it too."""
+    def broken(t):
+        raise torch.AcceleratorError(STICKY)
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        gpu._first_that_launches("onchip", torch.float32, DEVICE, 12, broken)
+    assert gpu._failed == {}
+
+
+def _on_a_second_gpu(monkeypatch):
+    """cuda:1 as the calls' device, with torch.cuda.device recording what it is entered with."""
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(d)
+        yield
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(gpu, "gpu_of", lambda d: gpu.INTERPRETER_GPU)
+    return torch.device("cuda", 1), entered
+
+
+def test_tiers_launch_on_their_tensors_device(monkeypatch):
+    cuda1, entered = _on_a_second_gpu(monkeypatch)
+    assert gpu._first_that_launches("onchip", torch.float32, cuda1, 12, lambda t: (t, list(entered))) == ("onchip", [cuda1])
+
+
+def test_a_launch_error_from_a_failed_device_propagates(monkeypatch):
+    """Triton reports a sticky error at its next launch as its own RuntimeError: synchronising the
+    device then raises AcceleratorError, and no tier is marked failed."""
+    cuda1, entered = _on_a_second_gpu(monkeypatch)
+    synced = []
+
+    def synchronize(d):
+        synced.append(d)
+        raise torch.AcceleratorError(STICKY)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+
+    def launch_fails(t):
+        raise RuntimeError(f"Triton Error [CUDA]: {STICKY}")
+    with pytest.raises(torch.AcceleratorError):
+        gpu._first_that_launches("onchip", torch.float32, cuda1, 12, launch_fails)
+    assert synced == [cuda1] and gpu._failed == {}
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the name of every ATen operator run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket.__name__) + "." + func._overloadname)
+        return func(*args, **(kwargs or {}))
+
+
+def _stepwise_ops(T, backward):
+    """The ATen operators of one stepwise loop of T steps (its Triton launches recorded, not run)."""
+    torch.manual_seed(0)
+    B, H = 3, 8
+    t = lambda *shape: torch.randn(*shape, device=DEVICE)
+    w_hh, w_tz, mask, lengths = t(3 * H, H), t(H, H), t(B, H), torch.tensor([T, 1, 2], device=DEVICE)
+    ys, zs, acts, du = t(T + 1, B, H), t(T + 1, B, H), t(T, B, 4 * H), t(T, B, 4 * H)
+    with launch.recording(), _Ops() as ops:
+        if backward:
+            stepwise.backward(t(T, B, H), acts, ys, zs, w_hh, w_tz, mask, lengths, du, t(B, H), t(B, H), 0.5)
+        else:
+            stepwise.forward(t(T, B, 4 * H), t(4 * H), w_hh, w_tz, mask, lengths, ys, zs, acts, 0.5)
+    return ops.names
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_the_stepwise_loop_allocates_nothing_and_never_waits_for_the_device(backward):
+    """What a CUDA graph of the loop needs: per step two GEMMs into buffers made before the loop (and
+    views), no allocation, nothing read back to the host (.item(), bool(): _local_scalar_dense)."""
+    short, long = _stepwise_ops(3, backward), _stepwise_ops(7, backward)
+    per_step = list(long)
+    for name in short:
+        per_step.remove(name)
+    assert sorted(set(per_step)) == (["mm.out", "select.int", "slice.Tensor"] if backward else ["mm.out"]), per_step
+    assert per_step.count("mm.out") == 2 * 4
+    assert not [n for n in long if "local_scalar" in n or "_to_copy" in n or n.startswith("nonzero")]
+
+
+class _FakeCUDA:
+    """Stands for CUDA tensors in Graphs' look-ups: a device, an address, a shape."""
+    device = torch.device("cuda")
+
+    def __init__(self, address, shape=(2, 3)):
+        self.address, self.shape = address, torch.Size(shape)
+
+    def data_ptr(self):
+        return self.address
+
+    def stride(self):
+        return (self.shape[1], 1)
+
+    dtype = torch.float32
+
+
+def _fake_graphs(monkeypatch, capture_fails=False):
+    """torch.cuda's graph API on CPU: a 'capture' records the loop's calls, a replay repeats them."""
+    state = {"capturing": False}
+
+    class Graph:
+        def replay(self):
+            for fn, args in self.calls:
+                fn(*args, replayed=True)
+
+    @contextlib.contextmanager
+    def graph(g):
+        if capture_fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        state["capturing"], g.calls, state["graph"] = True, [], g
+        yield
+        state["capturing"] = False
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["capturing"])
+    runs = []
+
+    def loop(x, dt, replayed=False):
+        if state["capturing"] and not replayed:
+            state["graph"].calls.append((loop, (x, dt)))
+        else:
+            runs.append(("replay" if replayed else "eager", x.address, dt))
+    return stepwise.Graphs(size=2), loop, runs
+
+
+def test_a_loop_is_captured_on_its_second_call_and_replayed_after(monkeypatch):
+    graphs, loop, runs = _fake_graphs(monkeypatch)
+    for address in (1, 1, 1, 2, 1):
+        graphs.run("forward", loop, (_FakeCUDA(address),), 0.5)
+    assert runs == [("eager", 1, 0.5), ("replay", 1, 0.5), ("replay", 1, 0.5), ("eager", 2, 0.5), ("replay", 1, 0.5)]
+    assert (graphs.captures, graphs.replays) == (1, 3)
+    graphs.run("forward", loop, (_FakeCUDA(1, (3, 2)),), 0.5)  # another shape at the same address
+    graphs.run("forward", loop, (_FakeCUDA(1),), 0.7)  # another dt
+    assert runs[-2:] == [("eager", 1, 0.5), ("eager", 1, 0.7)]
+
+
+def test_a_failed_capture_warns_once_and_launches_eagerly(monkeypatch):
+    graphs, loop, runs = _fake_graphs(monkeypatch, capture_fails=True)
+    graphs.run("forward", loop, (_FakeCUDA(1),), 0.5)
+    with pytest.warns(RuntimeWarning, match="could not capture its loop in a CUDA graph"):
+        graphs.run("forward", loop, (_FakeCUDA(1),), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphs.run("forward", loop, (_FakeCUDA(1),), 0.5)
+    assert runs == [("eager", 1, 0.5)] * 3 and not graphs.enabled
+
+
+@pytest.mark.skipif(INTERPRETED, reason="CUDA graphs on a real GPU")
+def test_replayed_stepwise_graphs_give_the_reference_loop_s_results(monkeypatch):
+    """The same layer and input five times (a training loop's addresses repeat): a call captures
+    when its tensors are where the call before had them, the next replays; every call's outputs and
+    gradients match the reference loop."""
+    monkeypatch.setattr(stepwise, "GRAPHS", stepwise.Graphs())
+    ref, fused, x = _reference_and_triton(H=40, tier="stepwise")
+    x = x.repeat(1, 6, 1).requires_grad_()
+    for _ in range(5):
+        ys, (y, z) = fused(x)
+        got = [ys, z, *torch.autograd.grad(ys.square().sum() + z.sum(), [x, *fused.parameters()])]
+        ys, (y, z) = ref(x)
+        want = [ys, z, *torch.autograd.grad(ys.square().sum() + z.sum(), [x, *ref.parameters()])]
+        for a, b in zip(got, want):
+            assert_close_relative(a, b, "stepwise with CUDA graphs", TOL)
+        del ys, y, z, got, want
+    assert stepwise.GRAPHS.replays > 0, "the calls' tensors never came back to the same addresses"
