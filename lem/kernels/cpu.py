@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backward_can_follow, reference
+from . import backward_can_follow, gemm_dtype, reference
 
 SOURCE = Path(__file__).with_name("lem_cpu.cpp")
 BUILD_DIR = None  # None: torch's cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)
@@ -101,46 +101,52 @@ def _simd_flags():
 
 def _forward(x: Tensor, w_in: Tensor, b_in: Optional[Tensor], y0: Tensor, z0: Tensor, w_hh: Tensor,
                 b_hh: Optional[Tensor], w_tz: Tensor, b_tz: Optional[Tensor], mask: Optional[Tensor],
-                lengths: Optional[Tensor], dt: float, keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                lengths: Optional[Tensor], dt: float, keep: bool,
+                gemm: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole layer, input projection included: ys (T, B, H), z_T (B, H), and for a backward
     (keep) zs (T, B, H) and the four gate/candidate activations of every step acts (T, B, 4H); without
-    keep two empty tensors instead, and nothing of size T·B other than ys is written."""
-    return tuple(load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep))
+    keep two empty tensors instead, and nothing of size T·B other than ys is written. gemm: None, or
+    bfloat16/float16 for mixed precision (see mixed_gemm): then all four are float32."""
+    return tuple(load().forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep, gemm))
 
 
 cpu_forward = torch.library.custom_op("lem::cpu_forward", _forward, mutates_args=(), device_types="cpu")
 
 
 @cpu_forward.register_fake
-def _(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep):
+def _(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep, gemm):
     T, B, H = x.size(0), x.size(1), y0.size(1)
+    new = lambda *shape: y0.new_empty(shape, dtype=y0.dtype if gemm is None else torch.float32)
     if not keep:
-        return y0.new_empty(T, B, H), y0.new_empty(B, H), y0.new_empty(0), y0.new_empty(0)
-    return y0.new_empty(T, B, H), y0.new_empty(B, H), y0.new_empty(T, B, H), y0.new_empty(T, B, 4 * H)
+        return new(T, B, H), new(B, H), new(0), new(0)
+    return new(T, B, H), new(B, H), new(T, B, H), new(T, B, 4 * H)
 
 
 def _backward(grad_ys: Optional[Tensor], grad_zT: Optional[Tensor], acts: Tensor, ys: Tensor, zs: Tensor,
                  x: Tensor, w_in: Tensor, y0: Tensor, z0: Tensor, w_hh: Tensor, w_tz: Tensor, mask: Optional[Tensor],
-                 lengths: Optional[Tensor], dt: float, needs_dx: bool) -> list[Tensor]:
+                 lengths: Optional[Tensor], dt: float, needs_dx: bool, gemm: Optional[torch.dtype]) -> list[Tensor]:
     """dL/d(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz) from what cpu_forward kept (d x empty
-    unless needs_dx); grad_ys, grad_zT None where no gradient reached them."""
-    return list(load().backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, dt, needs_dx))
+    unless needs_dx), each in its tensor's dtype (a bias in its weight's); grad_ys, grad_zT None where
+    no gradient reached them."""
+    return list(load().backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, dt, needs_dx,
+                                gemm))
 
 
 cpu_backward = torch.library.custom_op("lem::cpu_backward", _backward, mutates_args=(), device_types="cpu")
 
 
 @cpu_backward.register_fake
-def _(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, dt, needs_dx):
-    H, new = y0.size(1), y0.new_empty
-    return [new(x.shape if needs_dx else (0,)), new(w_in.shape), new(4 * H), new(y0.shape), new(z0.shape),
-            new(w_hh.shape), new(3 * H), new(w_tz.shape), new(H)]
+def _(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, dt, needs_dx, gemm):
+    H = y0.size(1)
+    return [x.new_empty(x.shape if needs_dx else (0,)), w_in.new_empty(w_in.shape), w_in.new_empty(4 * H),
+            y0.new_empty(y0.shape), z0.new_empty(z0.shape), w_hh.new_empty(w_hh.shape), w_hh.new_empty(3 * H),
+            w_tz.new_empty(w_tz.shape), w_tz.new_empty(H)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep = inputs
+    x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep, gemm = inputs
     ys, z_T, zs, acts = output
-    ctx.dt = dt
+    ctx.dt, ctx.gemm = dt, gemm
     ctx.save_for_backward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, ys, zs, acts)
     ctx.mark_non_differentiable(zs, acts)
     ctx.set_materialize_grads(False)  # no zero-filled (T, B, ·) gradients for outputs the loss does not reach
@@ -155,10 +161,11 @@ def _backward_with(backward):
         needs = ctx.needs_input_grad[:11]
         if torch.is_grad_enabled() or reference.functorch_wrapped(grad_ys, grad_zT, *inputs):
             grads = reference.recomputed_grads(inputs, needs, lambda ys, zs: (ys, zs[-1]), (grad_ys, grad_zT), ctx.dt)
-            return (*grads, None, None)
+            return (*grads, None, None, None)
         x, w_in, _, y0, z0, w_hh, _, w_tz, _, mask, lengths = inputs
-        grads = backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt, needs[0])
-        return (*(g if needed else None for g, needed in zip(grads, needs)), None, None, None, None)
+        grads = backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt, needs[0],
+                         ctx.gemm)
+        return (*(g if needed else None for g, needed in zip(grads, needs)), None, None, None, None, None)
     return formula
 
 
@@ -173,12 +180,21 @@ class _EagerForward(torch.autograd.Function):
     backward = staticmethod(_backward_with(_backward))
 
 
+def mixed_gemm(x):
+    """The dtype the products take their inputs in when it is not the loop's own: bfloat16 or float16
+    for such inputs, or under torch.autocast its dtype (kernels.gemm_dtype, as the GPU tiers); then the
+    state, the gates and every sum are float32. None: float32 or float64 throughout."""
+    gemm = gemm_dtype(x.device, x.dtype)
+    return gemm if gemm in (torch.bfloat16, torch.float16) else None
+
+
 def lem_cpu(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt):
-    """(ys, z_T) of the layer (biases may be None, lengths None or (B,) int64). Keeps the
-    activations only when a backward can follow (grad mode on and some input requires grad)."""
+    """(ys, z_T) of the layer (biases may be None, lengths None or (B,) int64), float32 under mixed
+    precision (see mixed_gemm). Keeps the activations only when a backward can follow (grad mode on and
+    some input requires grad)."""
     keep = backward_can_follow(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask)
     forward = cpu_forward if torch.compiler.is_compiling() else _EagerForward.apply
-    ys, z_T, _, _ = forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep)
+    ys, z_T, _, _ = forward(x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep, mixed_gemm(x))
     return ys, z_T
 
 

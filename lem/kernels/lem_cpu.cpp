@@ -463,10 +463,46 @@ std::vector<int64_t> live_rows(const int64_t* len, int64_t T, int64_t B) {
 // The first n rows of a (B, ·) scratch tensor (the tensor itself when n is all of them)
 at::Tensor first_rows(const at::Tensor& t, int64_t n) { return n == t.size(0) ? t : t.narrow(0, 0, n); }
 
+bool is_low(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// out = a · w (add: out += a · w) for out in the loop's dtype and w (K, N) in the products' dtype. Where
+// that is the loop's own, one at::mm_out / addmm_. Under mixed precision (w in bfloat16 or float16, the
+// loop in float32) a is rounded into a scratch buffer of w's dtype, unless it is in it already, and the
+// product goes into another one, then is widened into out: at::mm on CPU writes its result in its inputs'
+// dtype (torch 2.9 has no CPU kernel of aten::mm.dtype); inside, oneDNN sums in float32 (on AMX tiles
+// for bfloat16 where the CPU has them). The scratch holds up to `rows` rows of a.
+class Product {
+ public:
+  Product(at::Tensor w, int64_t rows) : w_(std::move(w)), rows_(rows) {}
+
+  void operator()(at::Tensor out, const at::Tensor& a, bool add = false) {
+    if (out.scalar_type() == w_.scalar_type()) {
+      if (add) out.addmm_(a, w_); else at::mm_out(out, a, w_);
+      return;
+    }
+    const int64_t n = a.size(0);
+    if (!p_low_.defined()) p_low_ = at::empty({rows_, w_.size(1)}, w_.options());
+    at::Tensor a_low = a;
+    if (a.scalar_type() != w_.scalar_type()) {
+      if (!a_low_.defined()) a_low_ = at::empty({rows_, w_.size(0)}, w_.options());
+      a_low = first_rows(a_low_, n).copy_(a);
+    }
+    at::Tensor p = first_rows(p_low_, n);
+    at::mm_out(p, a_low, w_);
+    if (add) out.add_(p); else out.copy_(p);
+  }
+
+ private:
+  at::Tensor w_, a_low_, p_low_;
+  int64_t rows_;
+};
+
+// x2 (T·B, I) is x in the products' dtype; w_in_t (I, 4H), w_hh_t (H, 3H), w_tz_t (H, H) the transposed
+// weights in it (see Product).
 template <typename T, bool LEN>
-void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at::Tensor& w_hh, const at::Tensor& w_tz,
-                  const at::TensorOptions& opt) {
-  const int64_t Tn = s.T, B = s.B, H = s.H, I = f.I;
+void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::Tensor& w_in_t, const at::Tensor& w_hh_t,
+                  const at::Tensor& w_tz_t, const at::TensorOptions& opt) {
+  const int64_t Tn = s.T, B = s.B, H = s.H;
   const int64_t steps = std::clamp<int64_t>(std::max(kProjectionBytes / (B * 4 * H * int64_t(sizeof(T))),
                                                      (kProjectionRows + B - 1) / B), 1, Tn);
   const int64_t last_block = (Tn / steps - 1) * steps;  // first step of the last block
@@ -474,7 +510,7 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at
   at::Tensor h = at::empty({B, 3 * H}, opt), q = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
   // without a backward, each thread writes the activations of all its rows into one 4H scratch (in L1)
   at::Tensor scratch = f.acts ? at::Tensor() : at::empty({at::get_num_threads(), 4 * H}, opt);
-  const at::Tensor w_in_t = w_in.t(), w_hh_t = w_hh.t(), w_tz_t = w_tz.t();
+  Product projection(w_in_t, u_block.size(0)), recurrent(w_hh_t, B), to_y(w_tz_t, B);
   T *hp = h.data_ptr<T>(), *qp = q.data_ptr<T>(), *ymp = ym.data_ptr<T>();
   auto acts_of = [&](int64_t n, int64_t b) {
     return f.acts ? f.acts + (n * B + b) * 4 * H : scratch.data_ptr<T>() + at::get_thread_num() * 4 * H;
@@ -488,7 +524,7 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at
     if (n % steps == 0 && n <= last_block) {
       const int64_t rows = (n == last_block ? Tn - n : steps) * B;
       at::Tensor u_rows = u_block.narrow(0, 0, rows);
-      at::mm_out(u_rows, at::from_blob(const_cast<T*>(f.x + n * B * I), {rows, I}, opt), w_in_t);
+      projection(u_rows, x2.narrow(0, n * B, rows));
       u_steps = u_block.data_ptr<T>() - n * B * 4 * H;
     }
     const T* u = u_steps + n * B * 4 * H;
@@ -496,14 +532,14 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& w_in, const at
     T* z = f.zs ? f.zs + n * B * H : f.z_tmp + (n & 1) * B * H;
     const int64_t Bn = LEN ? live[n] : B;  // the rows from Bn on have ended
     at::Tensor h_rows = first_rows(h, Bn), q_rows = first_rows(q, Bn);
-    if (Bn) at::mm_out(h_rows, at::from_blob(const_cast<T*>(f.mask ? ymp : yp), {Bn, H}, opt), w_hh_t);
+    if (Bn) recurrent(h_rows, at::from_blob(const_cast<T*>(f.mask ? ymp : yp), {Bn, H}, opt));
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= f.len[b]) std::memcpy(z + b * H, zp + b * H, H * sizeof(T));  // frozen: z_n = z_{n-1}
         else fwd_z(u + b * 4 * H, hp + b * 3 * H, f.bias, zp + b * H, z + b * H, acts_of(n, b), H, f.dt);
       }
     });
-    if (Bn) at::mm_out(q_rows, at::from_blob(z, {Bn, H}, opt), w_tz_t);
+    if (Bn) to_y(q_rows, at::from_blob(z, {Bn, H}, opt));
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= f.len[b]) std::memcpy(y + b * H, yp + b * H, H * sizeof(T));
@@ -585,6 +621,7 @@ template <typename T, bool LEN>
 void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
   at::Tensor dzy = at::empty({B, H}, opt), dym = at::zeros({B, H}, opt);
+  Product from_y(w_tz, B), gates_to_y(w_hh.narrow(0, 0, 2 * H), B), cand_z_to_y(w_hh.narrow(0, 2 * H, H), B);
   T *dzyp = dzy.data_ptr<T>(), *dymp = dym.data_ptr<T>();
   const std::vector<int64_t> live = LEN ? live_rows(g.len, Tn, B) : std::vector<int64_t>();
   for (int64_t n = Tn - 1; n >= 0; --n) {
@@ -604,7 +641,7 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
       }
     });
     at::Tensor dzy_rows = first_rows(dzy, Bn), dym_rows = first_rows(dym, Bn);
-    if (Bn) at::mm_out(dzy_rows, at::from_blob(dU + 2 * H, {Bn, H}, {4 * H, 1}, opt), w_tz);
+    if (Bn) from_y(dzy_rows, at::from_blob(dU + 2 * H, {Bn, H}, {4 * H, 1}, opt));
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= g.len[b]) continue;  // z_n = z_{n-1}: dL/dz_n goes on unchanged
@@ -616,21 +653,72 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
     });
     // [gate y, gate z] and cand z of this step's d u_proj rows (strided views) into W_hh
     if (!Bn) continue;
-    at::mm_out(dym_rows, at::from_blob(dU, {Bn, 2 * H}, {4 * H, 1}, opt), w_hh.narrow(0, 0, 2 * H));
-    dym_rows.addmm_(at::from_blob(dU + 3 * H, {Bn, H}, {4 * H, 1}, opt), w_hh.narrow(0, 2 * H, H));
+    gates_to_y(dym_rows, at::from_blob(dU, {Bn, 2 * H}, {4 * H, 1}, opt));
+    cand_z_to_y(dym_rows, at::from_blob(dU + 3 * H, {Bn, H}, {4 * H, 1}, opt), true);
   }
   for (int64_t i = 0; i < B * H; ++i) g.g_y[i] += g.mask ? dymp[i] * g.mask[i] : dymp[i];
 }
 
-at::Tensor opt_mask(const c10::optional<at::Tensor>& mask) {
-  return mask.has_value() && mask->defined() ? mask->contiguous() : at::Tensor();
+// The state-dropout mask in the loop's dtype, or an undefined tensor
+at::Tensor opt_mask(const c10::optional<at::Tensor>& mask, const at::TensorOptions& opt) {
+  return mask.has_value() && mask->defined() ? mask->to(opt).contiguous() : at::Tensor();
 }
 
 template <typename T> T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
-// A bias, or zeros where the layer has none (bias=False)
+// A bias in the loop's dtype, or zeros where the layer has none (bias=False)
 at::Tensor bias_or_zeros(const c10::optional<at::Tensor>& b, int64_t n, const at::TensorOptions& opt) {
-  return b.has_value() && b->defined() ? *b : at::zeros({n}, opt);
+  return b.has_value() && b->defined() ? b->to(opt) : at::zeros({n}, opt);
+}
+
+// Whether gemm asks for mixed precision: products in bfloat16 or float16, the loop in float32
+bool mixed_precision(const c10::optional<at::ScalarType>& gemm) { return gemm.has_value() && is_low(*gemm); }
+
+// The weight gradients under mixed precision: lem_backward's GEMMs over all T·B rows with their inputs
+// rounded to the products' dtype `low` (as autocast's backward of nn.Linear takes them), each oriented
+// as oneDNN's bfloat16 kernels run it fastest (d u_proj^T on the left: ~200 vs ~270 ms at PTB char
+// size), widened to float32. Returns d x (empty unless needs_dx), d w_in, d w_hh, d w_tz.
+std::vector<at::Tensor> weight_grads_low(const at::Tensor& d_u, const at::Tensor& x, const at::Tensor& w_in,
+                                         const at::Tensor& y0, const at::Tensor& ys, const at::Tensor& zs,
+                                         const at::Tensor& mask, at::ScalarType low, bool needs_dx) {
+  const int64_t T = ys.size(0), B = ys.size(1), H = ys.size(2);
+  const at::Tensor dU2 = d_u.view({T * B, 4 * H}).to(low);
+  at::Tensor ym_prev = at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)});  // y_{n-1} ⊙ mask
+  if (mask.defined()) ym_prev.mul_(mask);
+  const at::Tensor d_whh4 = at::mm(dU2.t(), ym_prev.view({T * B, H}).to(low));  // (4H, H); cand y's rows are W_tz's
+  const at::Tensor d_whh = at::cat({d_whh4.narrow(0, 0, 2 * H), d_whh4.narrow(0, 3 * H, H)}).to(at::kFloat);
+  const at::Tensor d_wtz = at::mm(dU2.narrow(1, 2 * H, H).t(), zs.view({T * B, H}).to(low)).to(at::kFloat);
+  const at::Tensor d_win = at::mm(dU2.t(), x.reshape({T * B, x.size(2)}).to(low)).to(at::kFloat);
+  const at::Tensor d_x = needs_dx ? at::mm(dU2, w_in.to(low)).view(x.sizes()) : at::empty({0}, x.options());
+  return {d_x, d_win, d_whh, d_wtz};
+}
+
+// The weight gradients in the loop's dtype: GEMMs over all T·B rows, formed transposed ((y_{n-1} ⊙ mask)^T
+// dA is the faster orientation for MKL's long-K products: ~125 vs ~165 ms at sMNIST size). Returns as
+// weight_grads_low.
+std::vector<at::Tensor> weight_grads(const at::Tensor& d_u, const at::Tensor& x, const at::Tensor& w_in,
+                                     const at::Tensor& y0, const at::Tensor& ys, const at::Tensor& zs,
+                                     const at::Tensor& mask, bool needs_dx) {
+  const int64_t T = ys.size(0), B = ys.size(1), H = ys.size(2);
+  const auto opt = ys.options();
+  const at::Tensor dU2 = d_u.view({T * B, 4 * H}), ys2 = ys.view({T * B, H});
+  const at::Tensor ym_prev = mask.defined() ? at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).mul_(mask).view({T * B, H})
+                                            : at::Tensor();
+  // W_hh: (y_{n-1} ⊙ mask)^T d u_proj with all 4H columns, one pass over d u_proj; its cand-y block
+  // (H columns, which belong to W_tz) is dropped after
+  at::Tensor d_whh4_t = at::empty({H, 4 * H}, opt);
+  if (ym_prev.defined()) {
+    at::mm_out(d_whh4_t, ym_prev.t(), dU2);
+  } else {  // y_{n-1} = y0, then ys shifted by one step: no copy
+    at::mm_out(d_whh4_t, y0.t(), dU2.narrow(0, 0, B));
+    if (T > 1) d_whh4_t.addmm_(ys2.narrow(0, 0, (T - 1) * B).t(), dU2.narrow(0, B, (T - 1) * B));
+  }
+  const at::Tensor d_whh_t = at::cat({d_whh4_t.narrow(1, 0, 2 * H), d_whh4_t.narrow(1, 3 * H, H)}, 1);
+  const at::Tensor d_wtz = at::mm(zs.view({T * B, H}).t(), dU2.narrow(1, 2 * H, H)).t().contiguous();
+  const at::Tensor x2 = x.reshape({T * B, x.size(2)});
+  const at::Tensor d_win = at::mm(x2.t(), dU2).t().contiguous();
+  const at::Tensor d_x = needs_dx ? at::mm(dU2, w_in).view(x.sizes()) : at::empty({0}, opt);
+  return {d_x, d_win, d_whh_t.t().contiguous(), d_wtz};
 }
 
 // Per-row lengths (B,) in [1, T], int64, or an undefined tensor
@@ -661,72 +749,96 @@ void check(const at::Tensor& t, int64_t width, const at::Tensor& y0, const char*
 // Returns ys (T, B, H), z_T (B, H) and, when keep (for a backward), zs (T, B, H) and the activations
 // acts (T, B, 4H), else two empty tensors in their place. keep changes only where z_n and the
 // activations are written, never what is computed: ys and z_T are the same bits.
+// gemm: the dtype of the products' inputs; none: the tensors' own, float32 or float64, one for all.
+// bfloat16 or float16 is mixed precision: the weights are rounded to it once per call and the state
+// every step (see Product), while the state, the gates, every sum and all the outputs are float32; x,
+// the state and the weights may then come in any floating dtypes (as torch.autocast hands them over).
+// The per-row strategy keeps float32 products there, on the rounded weights.
 std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, c10::optional<at::Tensor> b_in, at::Tensor y0,
                                     at::Tensor z0, at::Tensor w_hh, c10::optional<at::Tensor> b_hh, at::Tensor w_tz,
                                     c10::optional<at::Tensor> b_tz, c10::optional<at::Tensor> mask_opt,
-                                    c10::optional<at::Tensor> lengths_opt, double dt, bool keep) {
+                                    c10::optional<at::Tensor> lengths_opt, double dt, bool keep,
+                                    c10::optional<at::ScalarType> gemm) {
   TORCH_CHECK(x.device().is_cpu(), "lem_cpu: tensors must be on the CPU");
   TORCH_CHECK(x.dim() == 3 && x.size(0) > 0 && w_in.size(0) == 4 * y0.size(1), "lem_cpu: x must be (T, B, I) with T > 0");
-  TORCH_CHECK(x.scalar_type() == y0.scalar_type() && w_in.scalar_type() == y0.scalar_type(),
+  const bool mixed = mixed_precision(gemm);
+  TORCH_CHECK(mixed || (x.scalar_type() == y0.scalar_type() && w_in.scalar_type() == y0.scalar_type()),
               "lem_cpu: x, the state and the weights must have one dtype");
-  x = x.contiguous(); w_in = w_in.contiguous();
-  y0 = y0.contiguous(); z0 = z0.contiguous();
-  w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
   const Sizes s{x.size(0), x.size(1), y0.size(1)};
   const int64_t H = s.H;
-  const auto opt = y0.options();
+  const bool rowwise = H <= kRowwiseMaxH;
+  const auto opt = y0.options().dtype(mixed ? at::kFloat : y0.scalar_type());
+  // the transposed weights as the products take them
+  auto product_weight = [&](const at::Tensor& w) {
+    if (!mixed) return rowwise ? w.t().contiguous() : w.contiguous().t();
+    const at::Tensor low = w.to(*gemm);
+    return rowwise ? low.to(at::kFloat).t().contiguous() : low.t().contiguous();
+  };
+  const at::Tensor w_in_t = product_weight(w_in), w_hh_t = product_weight(w_hh), w_tz_t = product_weight(w_tz);
+  x = (mixed ? x.to(rowwise ? at::kFloat : *gemm) : x).contiguous();
+  y0 = y0.to(opt).contiguous(); z0 = z0.to(opt).contiguous();
   const at::Tensor b_hh_ = bias_or_zeros(b_hh, 3 * H, opt);
   const at::Tensor bias = bias_or_zeros(b_in, 4 * H, opt) +
                           at::cat({b_hh_.narrow(0, 0, 2 * H), bias_or_zeros(b_tz, H, opt), b_hh_.narrow(0, 2 * H, H)});
-  const at::Tensor mask = opt_mask(mask_opt);
+  const at::Tensor mask = opt_mask(mask_opt, opt);
   const at::Tensor len = opt_lengths(lengths_opt, s.T, s.B);
   at::Tensor ys = empty_large({s.T, s.B, s.H}, opt);
   at::Tensor zs = keep ? empty_large({s.T, s.B, s.H}, opt) : at::empty({2, s.B, s.H}, opt);
   at::Tensor acts = keep ? empty_large({s.T, s.B, 4 * s.H}, opt) : at::Tensor();
   FlushDenormals ftz;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lem_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(y0.scalar_type(), "lem_forward", [&] {
     using T = scalar_t;
-    const Forward<T> f{x.data_ptr<T>(), y0.data_ptr<T>(), z0.data_ptr<T>(), bias.data_ptr<T>(), ptr_or_null<T>(mask),
-                       ptr_or_null<int64_t>(len), x.size(2), static_cast<T>(dt), ys.data_ptr<T>(),
+    const Forward<T> f{rowwise ? x.data_ptr<T>() : nullptr, y0.data_ptr<T>(), z0.data_ptr<T>(), bias.data_ptr<T>(),
+                       ptr_or_null<T>(mask), ptr_or_null<int64_t>(len), x.size(2), static_cast<T>(dt), ys.data_ptr<T>(),
                        keep ? zs.data_ptr<T>() : nullptr, ptr_or_null<T>(acts), keep ? nullptr : zs.data_ptr<T>()};
     with_lengths(len, [&](auto has_len) {
       constexpr bool LEN = decltype(has_len)::value;
-      if (s.H <= kRowwiseMaxH) {
-        const at::Tensor win_t = w_in.t().contiguous(), whh_t = w_hh.t().contiguous(), wtz_t = w_tz.t().contiguous();
+      if (rowwise) {
         with_fixed_h(s.H, [&](auto hc) {
-          forward_rows<T, decltype(hc)::value, LEN>(s, f, win_t.data_ptr<T>(), whh_t.data_ptr<T>(), wtz_t.data_ptr<T>());
+          forward_rows<T, decltype(hc)::value, LEN>(s, f, w_in_t.data_ptr<T>(), w_hh_t.data_ptr<T>(), w_tz_t.data_ptr<T>());
         });
       } else {
-        forward_gemm<T, LEN>(s, f, w_in, w_hh, w_tz, opt);
+        forward_gemm<T, LEN>(s, f, x.view({s.T * s.B, x.size(2)}), w_in_t, w_hh_t, w_tz_t, opt);
       }
     });
   });
   if (keep) return {ys, zs[s.T - 1].clone(), zs, acts};
   // without keep, the per-row strategy leaves z_T in zs[0], the GEMM one in zs[(T - 1) % 2]
-  const int64_t last = s.H <= kRowwiseMaxH ? 0 : (s.T - 1) % 2;
+  const int64_t last = rowwise ? 0 : (s.T - 1) % 2;
   return {ys, zs[last].clone(), at::empty({0}, opt), at::empty({0}, opt)};
 }
 
 // grad_ys and grad_zT may be undefined (no gradient reached them: zero). Returns d x (empty unless
-// needs_dx), d w_in, d b_in, d y0, d z0, d w_hh, d b_hh, d w_tz, d b_tz.
+// needs_dx), d w_in, d b_in, d y0, d z0, d w_hh, d b_hh, d w_tz, d b_tz, each in the dtype of what it is
+// the gradient of (a bias in its weight's). gemm: as lem_forward's (acts, ys, zs are then float32); the
+// reverse loop's products and the weight gradients' GEMMs then take their inputs in it.
 std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10::optional<at::Tensor> grad_zT, at::Tensor acts,
                                      at::Tensor ys, at::Tensor zs, at::Tensor x, at::Tensor w_in, at::Tensor y0, at::Tensor z0,
                                      at::Tensor w_hh, at::Tensor w_tz, c10::optional<at::Tensor> mask_opt,
-                                     c10::optional<at::Tensor> lengths_opt, double dt, bool needs_dx) {
+                                     c10::optional<at::Tensor> lengths_opt, double dt, bool needs_dx,
+                                     c10::optional<at::ScalarType> gemm) {
   check(acts, 4, y0, "acts");
+  const bool mixed = mixed_precision(gemm);
+  const auto opt = acts.options();
+  const at::ScalarType x_t = x.scalar_type(), w_in_t = w_in.scalar_type(), y0_t = y0.scalar_type(),
+                       z0_t = z0.scalar_type(), w_hh_t = w_hh.scalar_type(), w_tz_t = w_tz.scalar_type();
   acts = acts.contiguous(); ys = ys.contiguous(); zs = zs.contiguous();
-  y0 = y0.contiguous(); z0 = z0.contiguous(); w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
+  y0 = y0.to(opt).contiguous(); z0 = z0.to(opt).contiguous(); w_hh = w_hh.contiguous(); w_tz = w_tz.contiguous();
   const int64_t T = acts.size(0), B = acts.size(1), H = y0.size(1);
   const Sizes s{T, B, H};
-  const at::Tensor mask = opt_mask(mask_opt);
+  const bool rowwise = H <= kRowwiseMaxH;
+  if (mixed) {  // the weights as lem_forward's products took them
+    w_hh = rowwise ? w_hh.to(*gemm).to(at::kFloat) : w_hh.to(*gemm);
+    w_tz = rowwise ? w_tz.to(*gemm).to(at::kFloat) : w_tz.to(*gemm);
+  }
+  const at::Tensor mask = opt_mask(mask_opt, opt);
   const at::Tensor len = opt_lengths(lengths_opt, T, B);
-  const auto opt = y0.options();
   FlushDenormals ftz;
   // a dense copy in a cached buffer (the gradient of ys.sum(), say, comes as an expanded view)
   at::Tensor grad_ys = empty_large({T, B, H}, opt);
   if (grad_ys_opt.has_value() && grad_ys_opt->defined()) grad_ys.copy_(*grad_ys_opt); else grad_ys.zero_();
   at::Tensor g_y = at::zeros({B, H}, opt);
-  at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->contiguous().clone() : at::zeros({B, H}, opt);
+  at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->to(opt).contiguous().clone() : at::zeros({B, H}, opt);
   // the loop writes every gradient of u_proj straight into its place: [gate y, gate z, cand y (dQ), cand z]
   at::Tensor d_u = empty_large({T, B, 4 * H}, opt), db_rows = at::zeros({B, 4 * H}, opt);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lem_backward", [&] {
@@ -737,7 +849,7 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
                          db_rows.data_ptr<T_>()};
     with_lengths(len, [&](auto has_len) {
       constexpr bool LEN = decltype(has_len)::value;
-      if (H <= kRowwiseMaxH) {
+      if (rowwise) {
         const at::Tensor whh4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
         with_fixed_h(H, [&](auto hc) {
           backward_rows<T_, decltype(hc)::value, LEN>(s, g, whh4.data_ptr<T_>(), w_tz.data_ptr<T_>());
@@ -747,35 +859,23 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
       }
     });
   });
-  // weight gradients: GEMMs over all T·B rows, formed transposed ((y_{n-1} ⊙ mask)^T dA is the faster
-  // orientation for MKL's long-K products: ~125 vs ~165 ms at sMNIST size)
-  const at::Tensor dU2 = d_u.view({T * B, 4 * H}), ys2 = ys.view({T * B, H});
-  const at::Tensor ym_prev = mask.defined() ? at::cat({y0.unsqueeze(0), ys.narrow(0, 0, T - 1)}).mul_(mask).view({T * B, H})
-                                            : at::Tensor();
-  // W_hh: (y_{n-1} ⊙ mask)^T d u_proj with all 4H columns, one pass over d u_proj; its cand-y block
-  // (H columns, which belong to W_tz) is dropped after
-  at::Tensor d_whh4_t = at::empty({H, 4 * H}, opt);
-  if (ym_prev.defined()) {
-    at::mm_out(d_whh4_t, ym_prev.t(), dU2);
-  } else {  // y_{n-1} = y0, then ys shifted by one step: no copy
-    at::mm_out(d_whh4_t, y0.t(), dU2.narrow(0, 0, B));
-    if (T > 1) d_whh4_t.addmm_(ys2.narrow(0, 0, (T - 1) * B).t(), dU2.narrow(0, B, (T - 1) * B));
-  }
-  const at::Tensor d_whh_t = at::cat({d_whh4_t.narrow(1, 0, 2 * H), d_whh4_t.narrow(1, 3 * H, H)}, 1);
-  const at::Tensor d_wtz = at::mm(zs.view({T * B, H}).t(), dU2.narrow(1, 2 * H, H)).t().contiguous();
-  // inp2hid: its bias gradient is the same column sum of d u_proj as both hidden biases
-  const at::Tensor x2 = x.reshape({T * B, x.size(2)});
-  const at::Tensor d_win = at::mm(x2.t(), dU2).t().contiguous();
-  const at::Tensor d_x = needs_dx ? at::mm(dU2, w_in).view(x.sizes()) : at::empty({0}, opt);
   const at::Tensor d_b = db_rows.sum(0);  // [gate y, gate z | cand y | cand z]
   const at::Tensor d_bhh = at::cat({d_b.narrow(0, 0, 2 * H), d_b.narrow(0, 3 * H, H)});
-  return {d_x, d_win, d_b, g_y, g_z, d_whh_t.t().contiguous(), d_bhh, d_wtz, d_b.narrow(0, 2 * H, H).clone()};
+  const std::vector<at::Tensor> d_w = mixed ? weight_grads_low(d_u, x, w_in, y0, ys, zs, mask, *gemm, needs_dx)
+                                            : weight_grads(d_u, x, w_in, y0, ys, zs, mask, needs_dx);
+  return {d_w[0].to(x_t), d_w[1].to(w_in_t), d_b.to(w_in_t), g_y.to(y0_t), g_z.to(z0_t), d_w[2].to(w_hh_t),
+          d_bhh.to(w_hh_t), d_w[3].to(w_tz_t), d_b.narrow(0, 2 * H, H).to(w_tz_t).clone()};
 }
 
 void empty_cache() { large_buffers().clear(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &lem_forward, "fused LEM forward (CPU)");
-  m.def("backward", &lem_backward, "fused LEM backward (CPU)");
+  m.def("forward", &lem_forward, "fused LEM forward (CPU)", py::arg("x"), py::arg("w_in"), py::arg("b_in"), py::arg("y0"),
+        py::arg("z0"), py::arg("w_hh"), py::arg("b_hh"), py::arg("w_tz"), py::arg("b_tz"), py::arg("mask"),
+        py::arg("lengths"), py::arg("dt"), py::arg("keep"), py::arg("gemm") = py::none());
+  m.def("backward", &lem_backward, "fused LEM backward (CPU)", py::arg("grad_ys"), py::arg("grad_zT"), py::arg("acts"),
+        py::arg("ys"), py::arg("zs"), py::arg("x"), py::arg("w_in"), py::arg("y0"), py::arg("z0"), py::arg("w_hh"),
+        py::arg("w_tz"), py::arg("mask"), py::arg("lengths"), py::arg("dt"), py::arg("needs_dx"),
+        py::arg("gemm") = py::none());
   m.def("empty_cache", &empty_cache, "frees the cached large buffers");
 }

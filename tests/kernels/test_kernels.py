@@ -64,7 +64,7 @@ class KernelSpy:
 
     def forward(self, *args):
         out = self.module.forward(*args)
-        self.calls.append((args[-1], out[2].numel() > 0 and out[3].numel() > 0))
+        self.calls.append((args[12], out[2].numel() > 0 and out[3].numel() > 0))  # keep, after x ... dt
         return out
 
     def __getattr__(self, name):
