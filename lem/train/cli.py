@@ -68,6 +68,8 @@ def build_parser(task_cls):
     p.add_argument("--out-dir", default=None, help="where run folders go (default: <experiment>/results)")
     p.add_argument("--run-name", default=None, help="default: <model>_h<nhid>_seed<seed>")
     p.add_argument("--resume", action="store_true", help="continue the run of the same name from its checkpoint")
+    p.add_argument("--amp", default="none", choices=("none", "bf16"),
+                   help="mixed precision: train and evaluate under torch.autocast(bfloat16) (docs/kernels.md)")
     p.add_argument("--max-time", type=float, default=None, help="stop cleanly (resumable) after this many seconds")
     task_cls.add_arguments(p)
     unknown = set(task_cls.defaults) - {a.dest for a in p._actions}

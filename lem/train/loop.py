@@ -81,13 +81,21 @@ def is_better(task_cls, value, best_value):
     return value > best_value if task_cls.higher_is_better else value < best_value
 
 
+def precision(task):
+    """The autocast context of --amp (bfloat16 products, float32 state and sums), or none."""
+    amp = getattr(task.args, "amp", "none")
+    return torch.autocast(task.device.type, torch.bfloat16, enabled=amp == "bf16")
+
+
 def train_step(task, model, optimizer, batch, grad_norm, train_model=None):
     """One optimizer step on one batch key, as training takes it: this process's share of the batch,
-    the task's loss, backward, gradient-norm clipping (grad_norm > 0), Adam, the task's after_step.
-    train_model: what computes the loss (under torchrun the DDP wrapper of model). Returns the
-    batch's loss (its mean over processes); a non-finite one is returned without a step."""
+    the task's loss (under --amp's autocast), backward, gradient-norm clipping (grad_norm > 0), Adam,
+    the task's after_step. train_model: what computes the loss (under torchrun the DDP wrapper of
+    model). Returns the batch's loss (its mean over processes); a non-finite one is returned without
+    a step."""
     key, weight = distributed.local_batch(batch)
-    loss = task.loss(train_model or model, key) * weight
+    with precision(task):
+        loss = task.loss(train_model or model, key) * weight
     batch_loss = distributed.mean(loss)
     if not torch.isfinite(batch_loss):
         return batch_loss
@@ -102,7 +110,7 @@ def train_step(task, model, optimizer, batch, grad_norm, train_model=None):
 
 def evaluate(task, model):
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), precision(task):
         metrics = {split: task.evaluate(model, split) for split in task.eval_splits}
     model.train()
     return metrics
