@@ -3,6 +3,7 @@
     python -m lem.tools.bench kernels                        # every configuration, CPU and (if present) CUDA
     python -m lem.tools.bench kernels --devices cuda         # CUDA: the reference loop, each GPU tier, nn.LSTM (cuDNN)
     python -m lem.tools.bench kernels --configs fhn smnist_h128 --devices cpu --threads 1
+    python -m lem.tools.bench kernels --configs smnist_h256 ptb_char --amp bf16   # + rows under torch.autocast(bf16)
     python -m lem.tools.bench epoch smnist --synthetic --batches 6 --nhid 256   # one epoch of an experiment
     python -m lem.tools.bench epoch ptb --level char --synthetic --no-eval      # PTB: training tokens/s
 
@@ -61,6 +62,7 @@ CONFIGS = {
     "eigenworms": (17984, 8, 32, 6),
     "ptb_char": (150, 128, 1024, 200),
 }
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --amp
 # configurations that are stacks (the same arguments for LEM and nn.LSTM); the others: one layer
 STACKS = {"fhn_2layer_bidir": dict(num_layers=2, bidirectional=True)}
 
@@ -234,15 +236,36 @@ def under(settings, fn):
     return run
 
 
-def bench_config(name, device, repeats, budget_s):
+class Autocast(nn.Module):
+    """`module` run under torch.autocast(dtype) on its input's device: a row of the table."""
+
+    def __init__(self, module, dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, self.dtype):
+            return self.module(x)
+
+
+def amp_label(dtype):
+    return f"autocast {str(dtype).removeprefix('torch.')}"
+
+
+def bench_config(name, device, repeats, budget_s, amp=None):
     """{backend: {"fwd+bwd", "fwd train", "fwd no_grad": s, "memory", "peak train", "peak no_grad": bytes}}
-    for one configuration."""
+    for one configuration; amp (a dtype): also each fused backend and nn.LSTM under torch.autocast(amp)."""
     T, B, H, I = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(T, B, I, device=device)
     timed = timed_rows(device, H, I, STACKS.get(name, {}))
+    if amp is not None:
+        for k in [k for k in timed if k not in ("reference", STEPWISE_EAGER, LSTM_DEFAULT)]:
+            module, allowed, graphs = timed[k]
+            timed[f"{k} {amp_label(amp)}"] = (Autocast(module, amp), allowed, graphs)
     modes = {"fwd+bwd": forward_backward, "fwd train": forward_train, "fwd no_grad": forward_only}
-    rows = {k: {"precision": precision(k, device, allowed)} for k, (m, allowed, _) in timed.items()}
+    rows = {k: {"precision": amp_label(amp) if " autocast " in k else precision(k, device, allowed)}
+            for k, (m, allowed, _) in timed.items()}
     for mode, make in modes.items():
         fns = {k: under(settings, make(m, x)) for k, (m, *settings) in timed.items()}
         for k, seconds in interleaved_medians(fns, device, repeats, budget_s).items():
@@ -264,7 +287,7 @@ def table(name, device, rows):
     ref, lstm = rows["reference"], rows["nn.LSTM"]
     mem = "peak MB" if device.type == "cuda" else "saved MB"
     stack = "".join(f", {k} {v}" for k, v in STACKS.get(name, {}).items())
-    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}{stack}) on {device.type}; vs nn.LSTM: against its strict fp32 row",
+    lines = [f"\n{name} (T {T}, B {B}, H {H}, I {I}{stack}) on {device.type}, load average {os.getloadavg()[0]:.1f} at the end; vs nn.LSTM: against its strict fp32 row",
              f"| backend | fwd+bwd ms | speed-up vs reference | vs nn.LSTM | {mem} | precision |",
              "|---|---|---|---|---|---|"]
     for backend, r in rows.items():
@@ -278,17 +301,29 @@ def table(name, device, rows):
             f = r[f"fwd {mode}"]
             lines.append(f"| {backend} | {label} | {f * 1e3:.1f} | {ref[f'fwd {mode}'] / f:.2f}x | "
                          f"{lstm[f'fwd {mode}'] / f:.2f}x | {megabytes(r[f'peak {mode}'])} | {r['precision']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + amp_speedups(rows))
+
+
+def amp_speedups(rows):
+    """One line per row under autocast: its speed-ups over the same module in float32."""
+    lines = []
+    for k, r in rows.items():
+        base = rows.get(k.split(" autocast ")[0]) if " autocast " in k else None
+        if base is not None:
+            ratios = ", ".join(f"{mode} {base[mode] / r[mode]:.2f}x" for mode in ("fwd+bwd", "fwd train", "fwd no_grad"))
+            lines.append(f"{k} vs its float32: {ratios}")
+    return [""] + lines if lines else []
 
 
 def kernels_main(args):
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}; TF32 allowed by default: "
           f"cuBLAS {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}")
     for device in map(torch.device, devices):
         for name in args.configs:
-            print(table(name, device, bench_config(name, device, args.repeats, args.budget)), flush=True)
+            print(table(name, device, bench_config(name, device, args.repeats, args.budget, AMP_DTYPES.get(args.amp))),
+                  flush=True)
             if device.type == "cuda":
                 print(graphs_report(), flush=True)
 
@@ -382,6 +417,8 @@ def main(argv=None):
     k.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     k.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     k.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
+    k.add_argument("--amp", choices=list(AMP_DTYPES), default=None,
+                   help="also the fused backends and nn.LSTM under torch.autocast in this dtype")
     k.add_argument("--budget", type=float, default=60.0,
                    help="fewer repeats when they would take more than this many s per configuration")
     e = sub.add_parser("epoch", allow_abbrev=False, usage="python -m lem.tools.bench epoch EXPERIMENT [options] [train.py flags]",
