@@ -325,6 +325,30 @@ def test_torch_export_matches_eager(backend):
     assert_all_close([exported(other)[0]], [layer(other)[0]], f"{backend}: exported", 1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_onnx_export_never_lies(backend, tmp_path):
+    """torch.onnx.export's default (dynamo) exporter: 'reference' at the traced length, which
+    onnxruntime holds to; the fused backends' operators have no ONNX translation and fail to convert."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    _, layer = pair(backend)
+    x = inputs(backend)[0].detach()
+    path = tmp_path / "lem.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if backend != "reference":
+            with pytest.raises(Exception, match="Failed to convert"):
+                torch.onnx.export(layer.eval(), (x,), str(path))
+            return
+        torch.onnx.export(layer.eval(), (x,), str(path))
+    session = ort.InferenceSession(str(path))
+    name = session.get_inputs()[0].name
+    other = 0.5 * x
+    assert_all_close([torch.from_numpy(session.run(None, {name: other.numpy()})[0])], [layer(other)[0]], "onnx", 1e-5)
+    with pytest.raises(Exception, match="Got invalid dimensions"):
+        session.run(None, {name: torch.randn(T + 3, B, I).numpy()})
+
+
 # ----- low-precision dtypes: issue 20 item 3 is another branch's; what these rows see will change -----
 
 LOW = [torch.bfloat16, torch.float16]

@@ -1,13 +1,18 @@
 """Backends of the LEM time loop; all compute SPEC §1 exactly (docs/kernels.md).
 
-    reference  the autograd loop in lem/model.py (the ground truth of the tests)
+    reference  the autograd loop (reference.py), run by lem/model.py on the layer's own Linears; the
+               ground truth of the tests, and what the fused backends' autograd formulas recompute
+               through for second derivatives and torch.func transforms
     cpp        fused CPU path: forward and backward loops in C++ (lem_cpu.cpp), built on first use
     triton     fused GPU path (gpu.py), in the fastest of its tiers that fits the call and the GPU:
     onchip       one Triton launch for all T steps, weights in shared memory (onchip.py)
     stepwise     per step cuBLAS GEMMs and fused Triton elementwise kernels, any H (stepwise.py)
     auto       cpp for CPU tensors, triton for CUDA tensors
 
-A fused path that cannot be built falls back to `reference` with one warning; a GPU tier whose
+A call that the fused kernels cannot serve exactly (hooks on the inner Linears, a Linear with a
+forward of its own, vmap: see fused) runs `reference` with one warning per layer; on meta tensors
+every backend runs it (shapes only). A fused path that cannot be built falls back to `reference`
+with one warning; a GPU tier whose
 kernels fail to compile or launch falls to the next tier down (onchip, stepwise, reference), with
 one warning. The GPU tiers run float32, bfloat16 and float16 inputs, and torch.autocast; float64
 runs on `reference`.
