@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import lem
 from helpers import train_env
@@ -131,6 +132,32 @@ def test_second_derivatives_are_the_reference_loops(backend, bias, loops_run):
     want = first_and_second_derivatives(ref, [*args, *ref.parameters()])
     assert all(g is not None for g in got)
     assert_all_close(got, want, f"{backend}: first and second derivatives")
+
+
+def _packed_bidirectional(layer):
+    """x -> the final states of the layer on a PackedSequence of x's rows with lengths T and 2."""
+    def f(x):
+        y, z = layer(pack_padded_sequence(x, torch.tensor([T, 2]), enforce_sorted=False))[1]
+        return y, z
+    return f
+
+
+@pytest.mark.parametrize("backend", FLOAT64)
+def test_gradgradcheck_packed_and_bidirectional(backend):
+    _, layer = pair(backend, torch.float64, bidirectional=True)
+    assert gradgradcheck(_packed_bidirectional(layer), inputs(backend, torch.float64)[:1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_packed_and_bidirectional(backend, loops_run):
+    results = []
+    for layer in pair(backend, bidirectional=True):
+        loops_run.clear()
+        x = inputs(backend)[0]
+        first = torch.autograd.grad(loss_of(_packed_bidirectional(layer)(x)), [x, *layer.parameters()], create_graph=True)
+        results.append([*first, *torch.autograd.grad(loss_of(first), [x, *layer.parameters()])])
+    assert ran_fused(backend, loops_run)
+    assert_all_close(results[1], results[0], f"{backend}: second derivatives, packed and bidirectional")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
