@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from torch.autograd import gradcheck, gradgradcheck
+from torch.autograd import forward_ad, gradcheck, gradgradcheck
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parametrize, prune
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -293,7 +293,7 @@ def test_meta_device_gives_the_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_func_grad_jacrev_and_vmap(backend):
+def test_torch_func_transforms_and_forward_mode(backend):
     ref, layer = pair(backend)
     x = inputs(backend)[0].detach()
     results = []
@@ -307,9 +307,15 @@ def test_torch_func_grad_jacrev_and_vmap(backend):
             per_model = vmap(lambda p: functional_call(m, p, (x,))[0])(ensemble)
             per_row = vmap(lambda row: m(row)[0], in_dims=1, out_dims=1)(x)
         jacobian = torch.func.jacrev(lambda x: m(x)[1][1].sum(0))(x)  # of z_T summed over the batch
-        results.append([*grads[0].values(), grads[1], jacobian, per_model, per_row])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # forward mode runs the reference loop, warned
+            tangent = torch.func.jvp(lambda x: m(x)[0], (x,), (torch.ones_like(x),))[1]
+            hessian = torch.func.hessian(lambda x: m(x)[0].square().sum())(x[:, :1])
+            with forward_ad.dual_level():
+                dual = forward_ad.unpack_dual(m(forward_ad.make_dual(x, 0.5 * x))[0]).tangent
+        results.append([*grads[0].values(), grads[1], jacobian, per_model, per_row, tangent, hessian, dual])
     assert_all_close(results[1], results[0], f"{backend} under torch.func")
-    assert_all_close(results[1][-1:], [layer(x)[0]], f"{backend}: vmap over the rows vs one batch")
+    assert_all_close(results[1][-4:-3], [layer(x)[0]], f"{backend}: vmap over the rows vs one batch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
