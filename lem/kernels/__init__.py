@@ -22,6 +22,10 @@ import warnings
 import weakref
 
 import torch
+from torch._C._functorch import TransformType, peek_interpreter_stack
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
+from torch.nn.modules import module as module_hooks
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "onchip", "stepwise")
 GPU_BACKENDS = ("triton", "onchip", "stepwise")
@@ -142,9 +146,8 @@ def _why_not_fused(linears):
     that run around every call (the module's or global ones), or forward pre-hooks other than those
     that only recompute .weight from other parameters (pruning, old weight_norm: run once per call by
     _weights). Parametrizations need nothing: reading .weight computes the parametrized weight."""
-    from torch.nn.modules import module as hooks
-    if hooks._global_forward_pre_hooks or hooks._global_forward_hooks or hooks._global_backward_hooks or \
-            hooks._global_backward_pre_hooks:
+    if any((module_hooks._global_forward_pre_hooks, module_hooks._global_forward_hooks,
+            module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)):
         return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook), which run " \
                "at every step's Linear calls"
     for name, linear in linears.items():
@@ -177,10 +180,7 @@ def _weights(linear, x):
 def _unfusable_transform(tensors):
     """Why a torch.func transform or forward-mode AD around the call keeps the fused operators from
     it (None: nothing does): they have no batching rule (vmap) and no forward-mode formula (jvp)."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    from torch.autograd import forward_ad
-    transforms = {i.key() for i in retrieve_all_functorch_interpreters()}
+    transforms = () if peek_interpreter_stack() is None else {i.key() for i in retrieve_all_functorch_interpreters()}
     if TransformType.Vmap in transforms:
         return "the call runs under torch.func.vmap, for which the fused kernels have no batching rule"
     if TransformType.Jvp in transforms or forward_ad._current_level >= 0 and \
