@@ -198,9 +198,7 @@ def _subclass(layer, cls):
 
 
 def _quantized(layer):
-    for name in ("inp2hid", "hid2hid", "transform_z"):
-        q = torch.ao.quantization.quantize_dynamic(nn.Sequential(getattr(layer, name)), {nn.Linear})
-        setattr(layer, name, q[0])
+    torch.ao.quantization.quantize_dynamic(layer, {nn.Linear}, inplace=True)
 
 
 ON_LINEARS = {  # name: (setup, whether the fused path may run it)
