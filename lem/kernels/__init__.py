@@ -1,13 +1,18 @@
 """Backends of the LEM time loop; all compute docs/paper.md §1 exactly (docs/kernels.md).
 
-    reference  the autograd loop in lem/nn.py (the ground truth of the tests)
+    reference  the autograd loop (reference.py), run by lem/nn.py on the layer's own Linears; the
+               ground truth of the tests, and what the fused backends' autograd formulas recompute
+               through for second derivatives and torch.func transforms
     cpp        fused CPU path: forward and backward loops in C++ (lem_cpu.cpp), built on first use
     triton     fused GPU path (gpu.py), in the fastest of its tiers that fits the call and the GPU:
     onchip       one Triton launch for all T steps, weights in shared memory (onchip.py)
     stepwise     per step cuBLAS GEMMs and fused Triton elementwise kernels, any H (stepwise.py)
     auto       cpp for CPU tensors, triton for CUDA tensors
 
-A fused path that cannot be built falls back to `reference` with one warning; a GPU tier whose
+A call that the fused kernels cannot serve exactly (hooks on the inner Linears, a Linear with a
+forward of its own, vmap: see fused) runs `reference` with one warning per layer; on meta tensors
+every backend runs it (shapes only). A fused path that cannot be built falls back to `reference`
+with one warning; a GPU tier whose
 kernels fail to compile or launch falls to the next tier down (onchip, stepwise, reference), with
 one warning. The GPU tiers run float32, bfloat16 and float16 inputs, and torch.autocast; float64
 runs on `reference`.
@@ -17,6 +22,10 @@ import warnings
 import weakref
 
 import torch
+from torch._C._functorch import TransformType, peek_interpreter_stack
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.autograd import forward_ad
+from torch.nn.modules import module as module_hooks
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "onchip", "stepwise")
 GPU_BACKENDS = ("triton", "onchip", "stepwise")
@@ -114,15 +123,15 @@ def fused(name, x, inp2hid, y0, z0, hid2hid, transform_z, mask, dt, lengths=None
     (B,) int64 on x's device (see LEM._reference_loop); linears without bias are taken as zero bias.
     None when the caller must run the reference loop instead: when the linears' own forward would not
     be the product of their .weight and .bias (warned once per `owner`, see _why_not_fused), under
-    torch.func.vmap, or when the GPU tier and every tier below it failed to launch."""
+    torch.func.vmap or forward-mode AD, or when the GPU tier and every tier below it failed to launch."""
     linears = {"inp2hid": inp2hid, "hid2hid": hid2hid, "transform_z": transform_z}
     reason = _why_not_fused(linears)
-    if reason is None and not torch.compiler.is_compiling() and _under_vmap():
-        reason = "the call runs under torch.func.vmap, for which the fused kernels have no batching rule"
+    weights = [_weights(linear, x) for linear in linears.values()] if reason is None else None
+    if reason is None and not torch.compiler.is_compiling():
+        reason = _unfusable_transform([x, y0, z0, mask, *(t for pair in weights for t in pair)])
     if reason is not None:
         _warn_once(owner if owner is not None else inp2hid, reason)
         return None
-    weights = [_weights(linear, x) for linear in linears.values()]
     args = (x, *weights[0], y0, z0, *weights[1], *weights[2], mask, lengths, dt)
     if name == "cpp":
         from .cpu import lem_cpu
@@ -137,16 +146,17 @@ def _why_not_fused(linears):
     that run around every call (the module's or global ones), or forward pre-hooks other than those
     that only recompute .weight from other parameters (pruning, old weight_norm: run once per call by
     _weights). Parametrizations need nothing: reading .weight computes the parametrized weight."""
-    from torch.nn.modules import module as hooks
+    if any((module_hooks._global_forward_pre_hooks, module_hooks._global_forward_hooks,
+            module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)):
+        return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook), which run " \
+               "at every step's Linear calls"
     for name, linear in linears.items():
         if type(linear).forward is not torch.nn.Linear.forward:
             return f"{name} is a {type(linear).__module__}.{type(linear).__qualname__}, with a forward of its own"
-        if linear._forward_hooks or linear._backward_hooks or linear._backward_pre_hooks or \
-                hooks._global_forward_hooks or hooks._global_backward_hooks or hooks._global_backward_pre_hooks:
-            return f"{name} has forward or backward hooks (its own or global ones), which run at every step"
-        pre_hooks = [h for key, h in linear._forward_pre_hooks.items()
-                     if not isinstance(h, _weight_only_pre_hooks()) or key in linear._forward_pre_hooks_with_kwargs]
-        if pre_hooks or hooks._global_forward_pre_hooks:
+        if linear._forward_hooks or linear._backward_hooks or linear._backward_pre_hooks:
+            return f"{name} has forward or backward hooks, which run at every step"
+        if any(not isinstance(h, _weight_only_pre_hooks()) or key in linear._forward_pre_hooks_with_kwargs
+               for key, h in linear._forward_pre_hooks.items()):
             return f"{name} has forward pre-hooks (e.g. nn.utils.spectral_norm's), which run at every step"
     return None
 
@@ -167,11 +177,17 @@ def _weights(linear, x):
     return linear.weight, linear.bias
 
 
-def _under_vmap():
-    """Whether a torch.func.vmap is active: the fused operators have no batching rule."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+def _unfusable_transform(tensors):
+    """Why a torch.func transform or forward-mode AD around the call keeps the fused operators from
+    it (None: nothing does): they have no batching rule (vmap) and no forward-mode formula (jvp)."""
+    transforms = () if peek_interpreter_stack() is None else {i.key() for i in retrieve_all_functorch_interpreters()}
+    if TransformType.Vmap in transforms:
+        return "the call runs under torch.func.vmap, for which the fused kernels have no batching rule"
+    if TransformType.Jvp in transforms or forward_ad._current_level >= 0 and \
+            any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return "the call carries forward-mode tangents (torch.func.jvp, torch.autograd.forward_ad), which the " \
+               "fused kernels have no formula for"
+    return None
 
 
 _warned = weakref.WeakKeyDictionary()  # owner module -> the reasons it was warned about
@@ -181,5 +197,5 @@ def _warn_once(owner, reason):
     reasons = _warned.setdefault(owner, set())
     if reason not in reasons:
         reasons.add(reason)
-        warnings.warn(f"{type(owner).__name__}: {reason}: the fused kernels cannot honour that, so this layer "
-                      f"runs the slower 'reference' loop", RuntimeWarning, stacklevel=5)
+        warnings.warn(f"{type(owner).__name__}: {reason}; so that nothing is skipped, this layer runs the slower "
+                      f"'reference' loop instead", RuntimeWarning, stacklevel=5)

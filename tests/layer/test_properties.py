@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from torch.autograd import gradcheck, gradgradcheck
+from torch.autograd import forward_ad, gradcheck, gradgradcheck
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import parametrize, prune
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import lem
 from helpers import train_env
@@ -133,6 +134,32 @@ def test_second_derivatives_are_the_reference_loops(backend, bias, loops_run):
     assert_all_close(got, want, f"{backend}: first and second derivatives")
 
 
+def _packed_bidirectional(layer):
+    """x -> the final states of the layer on a PackedSequence of x's rows with lengths T and 2."""
+    def f(x):
+        y, z = layer(pack_padded_sequence(x, torch.tensor([T, 2]), enforce_sorted=False))[1]
+        return y, z
+    return f
+
+
+@pytest.mark.parametrize("backend", FLOAT64)
+def test_gradgradcheck_packed_and_bidirectional(backend):
+    _, layer = pair(backend, torch.float64, bidirectional=True)
+    assert gradgradcheck(_packed_bidirectional(layer), inputs(backend, torch.float64)[:1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_derivatives_packed_and_bidirectional(backend, loops_run):
+    results = []
+    for layer in pair(backend, bidirectional=True):
+        loops_run.clear()
+        x = inputs(backend)[0]
+        first = torch.autograd.grad(loss_of(_packed_bidirectional(layer)(x)), [x, *layer.parameters()], create_graph=True)
+        results.append([*first, *torch.autograd.grad(loss_of(first), [x, *layer.parameters()])])
+    assert ran_fused(backend, loops_run)
+    assert_all_close(results[1], results[0], f"{backend}: second derivatives, packed and bidirectional")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_gradients_are_the_reference_loops(backend):
     """autograd.grad(is_grads_batched=True), what gradcheck's check_batched_grad and jacobians use."""
@@ -171,9 +198,7 @@ def _subclass(layer, cls):
 
 
 def _quantized(layer):
-    for name in ("inp2hid", "hid2hid", "transform_z"):
-        q = torch.ao.quantization.quantize_dynamic(nn.Sequential(getattr(layer, name)), {nn.Linear})
-        setattr(layer, name, q[0])
+    torch.ao.quantization.quantize_dynamic(layer, {nn.Linear}, inplace=True)
 
 
 ON_LINEARS = {  # name: (setup, whether the fused path may run it)
@@ -266,7 +291,7 @@ def test_meta_device_gives_the_shapes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_torch_func_grad_jacrev_and_vmap(backend):
+def test_torch_func_transforms_and_forward_mode(backend):
     ref, layer = pair(backend)
     x = inputs(backend)[0].detach()
     results = []
@@ -280,9 +305,15 @@ def test_torch_func_grad_jacrev_and_vmap(backend):
             per_model = vmap(lambda p: functional_call(m, p, (x,))[0])(ensemble)
             per_row = vmap(lambda row: m(row)[0], in_dims=1, out_dims=1)(x)
         jacobian = torch.func.jacrev(lambda x: m(x)[1][1].sum(0))(x)  # of z_T summed over the batch
-        results.append([*grads[0].values(), grads[1], jacobian, per_model, per_row])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # forward mode runs the reference loop, warned
+            tangent = torch.func.jvp(lambda x: m(x)[0], (x,), (torch.ones_like(x),))[1]
+            hessian = torch.func.hessian(lambda x: m(x)[0].square().sum())(x[:, :1])
+            with forward_ad.dual_level():
+                dual = forward_ad.unpack_dual(m(forward_ad.make_dual(x, 0.5 * x))[0]).tangent
+        results.append([*grads[0].values(), grads[1], jacobian, per_model, per_row, tangent, hessian, dual])
     assert_all_close(results[1], results[0], f"{backend} under torch.func")
-    assert_all_close(results[1][-1:], [layer(x)[0]], f"{backend}: vmap over the rows vs one batch")
+    assert_all_close(results[1][-4:-3], [layer(x)[0]], f"{backend}: vmap over the rows vs one batch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -323,6 +354,30 @@ def test_torch_export_matches_eager(backend):
     exported = torch.export.export(layer, (x,), dynamic_shapes=shapes).module()
     other = inputs(backend, steps=7 if dynamic else T)[0].detach() * 0.5
     assert_all_close([exported(other)[0]], [layer(other)[0]], f"{backend}: exported", 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_onnx_export_never_lies(backend, tmp_path):
+    """torch.onnx.export's default (dynamo) exporter: 'reference' at the traced length, which
+    onnxruntime holds to; the fused backends' operators have no ONNX translation and fail to convert."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    _, layer = pair(backend)
+    x = inputs(backend)[0].detach()
+    path = tmp_path / "lem.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if backend != "reference":
+            with pytest.raises(Exception, match="Failed to convert"):
+                torch.onnx.export(layer.eval(), (x,), str(path))
+            return
+        torch.onnx.export(layer.eval(), (x,), str(path))
+    session = ort.InferenceSession(str(path))
+    name = session.get_inputs()[0].name
+    other = 0.5 * x
+    assert_all_close([torch.from_numpy(session.run(None, {name: other.numpy()})[0])], [layer(other)[0]], "onnx", 1e-5)
+    with pytest.raises(Exception, match="Got invalid dimensions"):
+        session.run(None, {name: torch.randn(T + 3, B, I).numpy()})
 
 
 # ----- low-precision dtypes: issue 20 item 3 is another branch's; what these rows see will change -----
