@@ -159,8 +159,12 @@ def _backward_with(backward):
     def formula(ctx, grad_ys, grad_zT, _grad_zs, _grad_acts):
         *inputs, ys, zs, acts = ctx.saved_tensors
         needs = ctx.needs_input_grad[:11]
+        grad_dtype = ys.dtype  # the fused outputs' (float32 under mixed precision)
         if torch.is_grad_enabled() or reference.functorch_wrapped(grad_ys, grad_zT, *inputs):
-            grads = reference.recomputed_grads(inputs, needs, lambda ys, zs: (ys, zs[-1]), (grad_ys, grad_zT), ctx.dt)
+            # the products in the dtype the forward took them in; float32 outputs under mixed precision
+            with torch.autocast("cpu", dtype=ctx.gemm or torch.bfloat16, enabled=ctx.gemm is not None):
+                grads = reference.recomputed_grads(inputs, needs, lambda ys, zs: (ys.to(grad_dtype), zs[-1].to(grad_dtype)),
+                                                   (grad_ys, grad_zT), ctx.dt)
             return (*grads, None, None, None)
         x, w_in, _, y0, z0, w_hh, _, w_tz, _, mask, lengths = inputs
         grads = backward(grad_ys, grad_zT, acts, ys, zs, x, w_in, y0, z0, w_hh, w_tz, mask, lengths, ctx.dt, needs[0],

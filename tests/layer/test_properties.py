@@ -380,10 +380,9 @@ def test_onnx_export_never_lies(backend, tmp_path):
         session.run(None, {name: torch.randn(T + 3, B, I).numpy()})
 
 
-# ----- low-precision dtypes: issue 20 item 3 is another branch's; what these rows see will change -----
+# ----- low-precision dtypes -----
 
 LOW = [torch.bfloat16, torch.float16]
-CPP_LOW = pytest.mark.xfail(strict=False, reason="issue 20 item 3: the fused CPU path runs float32 and float64 only")
 
 
 def _low_rows():
@@ -391,8 +390,6 @@ def _low_rows():
         name = b.values[0] if hasattr(b, "values") else b
         for dtype in LOW:
             marks = list(b.marks) if hasattr(b, "marks") else []
-            if name == "cpp":
-                marks.append(CPP_LOW)
             if name == "onchip" and dtype == torch.bfloat16 and INTERPRETED:
                 continue  # the interpreter has no bfloat16 tl.dot (test_gpu_tiers.py checks float16 there)
             yield pytest.param(name, dtype, marks=marks, id=f"{name}-{str(dtype)[6:]}")
@@ -406,12 +403,14 @@ def test_low_precision_runs_close_to_float32(backend, dtype, how):
     ref, layer = pair(backend, num_layers=1 if how == "module" else 2)
     x = inputs(backend)[0].detach()
     want = ref(x)[0]
-    if how == "module":
-        ys = layer.to(dtype)(x.to(dtype))[0]
-    else:
-        with torch.autocast(device_of(backend).type, dtype=dtype):
-            ys = layer(x)[0]
-    ys.float().square().sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fused backend must not fall back to the reference loop
+        if how == "module":
+            ys = layer.to(dtype)(x.to(dtype))[0]
+        else:
+            with torch.autocast(device_of(backend).type, dtype=dtype):
+                ys = layer(x)[0]
+        ys.float().square().sum().backward()
     assert ys.dtype == dtype and all(p.grad is not None for p in layer.parameters())
     assert_all_close([ys], [want], f"{backend} in {dtype}", 3e-2 if dtype == torch.bfloat16 else 5e-3)
 
