@@ -10,13 +10,22 @@ from pathlib import Path
 import torch
 
 
+def umask():
+    """The process's umask (os.umask can only read it by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_file(path, write, keep=None):
     """write(f) into a temporary file, then rename it to path. With keep, the file path held is
-    renamed to keep first: at every instant one whole file exists, under one name or the other."""
+    renamed to keep first: at every instant one whole file exists, under one name or the other.
+    The file gets the mode open() would give it (0o666 less the umask), not mkstemp's 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -231,8 +231,29 @@ def recorded_flags(task_cls, args, root):
     return {"args": rundir.portable_args(vars(args), root), "rerun": rerun_command(task_cls, args)}
 
 
+# Flags that may differ between the segments of one run (each resume's are kept in config.json's
+# "segments"); every other flag changes the numbers and must stay as the run was started.
+RESUMABLE_FLAGS = {"resume", "max_time", "data_dir", "out_dir", "seeds", "run_name"}
+
+
+def numbers_flags(args):
+    """A run's flags as --resume compares them: --device as the kind it trains on (cpu, cuda: one GPU
+    or another of the same run may continue it), --backend auto as the backend it picks there, and
+    without the RESUMABLE_FLAGS."""
+    kind = device_type(args.get("device") or "auto")
+    backend = args.get("backend")
+    if backend == "auto":
+        backend = {"cpu": "cpp", "cuda": "triton"}.get(kind, "reference")
+    return {**{k: v for k, v in args.items() if k not in RESUMABLE_FLAGS}, "device": kind, "backend": backend}
+
+
 def check_same_arguments(saved, given):
-    changed = {k: (saved.get(k), v) for k, v in given.items() if k not in RUN_ONLY_FLAGS and saved.get(k) != v}
+    """Stop (exit 1, one line) when the flags of a --resume would change the numbers of the run whose
+    checkpoint holds `saved`; given: this invocation's flags (device: the one it trains on)."""
+    saved, given = numbers_flags(saved), numbers_flags(given)
+    changed = {k: (saved.get(k), v) for k, v in given.items() if k in saved and saved[k] != v}
     if changed:
         distributed.fail("--resume with other arguments than the run was started with: "
-                 + ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})" for k, (old, new) in changed.items()))
+                         + ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})" for k, (old, new) in changed.items())
+                         + ". They change the numbers, so the run would no longer be one run: resume with its own "
+                           "flags (config.json's \"rerun\"), or give --run-name for a new run.")

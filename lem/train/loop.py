@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,12 @@ def set_rng_state(state):
 
 
 class StopRequest:
-    """First Ctrl-C or SIGTERM asks the loop to save and stop after the current step."""
+    """First Ctrl-C or SIGTERM asks the loop to save and stop after the current step; `signum` is
+    the signal that asked (the run then exits with 128 + signum, as a shell reports a signal)."""
 
     def __init__(self):
         self.requested = False
+        self.signum = None
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -67,6 +70,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         if distributed.is_main():
             print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step", file=sys.stderr)
 
@@ -155,7 +159,8 @@ def make_model(task, args):
 def restore(out, args, device, model, optimizer, task):
     """Load the run's checkpoint into model, optimizer, task and RNGs; returns the loop's state."""
     ckpt = out.load_checkpoint(device)
-    cli.check_same_arguments(ckpt["args"], vars(args))
+    saved = {**ckpt["args"], "device": ckpt.get("device", ckpt["args"].get("device"))}
+    cli.check_same_arguments(saved, {**vars(args), "device": str(device)})
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     task.load_state_dict(ckpt["task"])
@@ -168,7 +173,8 @@ def restore(out, args, device, model, optimizer, task):
 @dataclass
 class Training:
     """One run in progress: what fit's steps share. `state` is what a checkpoint keeps of the loop
-    (epoch, batch, step, elapsed, best, history); status: finished, interrupted or nan."""
+    (epoch, batch, step, elapsed, best, history); status: finished, interrupted or nan; signum: the
+    signal that interrupted it, if one did."""
     task: object
     out: rundir.Run
     args: object
@@ -179,6 +185,7 @@ class Training:
     state: dict
     started: float
     status: str = "finished"
+    signum: int = None
     main: bool = field(default_factory=distributed.is_main)  # under torchrun only rank 0 prints and writes
 
     def elapsed(self):
@@ -190,7 +197,8 @@ class Training:
     def save(self):
         rngs = distributed.gather(rng_state())
         ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "task": self.task.state_dict(), "rng": rngs[0], "state": self.state, "args": vars(self.args)}
+                "task": self.task.state_dict(), "rng": rngs[0], "state": self.state, "args": vars(self.args),
+                "device": str(self.task.device)}
         if len(rngs) > 1:
             ckpt["rng_ranks"] = rngs  # every process's own, for an exact resume on as many processes
         self.out.save_checkpoint(lambda: ckpt)
@@ -208,18 +216,39 @@ def start_training(task, out, args, root):
         state = restore(out, args, task.device, model, optimizer, task)
         if distributed.is_main():
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
-    config = {**cli.recorded_flags(type(task), args, root), "experiment": task.name,
-              "parameters": sum(p.numel() for p in model.parameters())}
-    if distributed.is_main():
-        config.update(rundir.environment(task.device, root))
-        if distributed.world_size() > 1:
-            config["processes"] = distributed.world_size()
+    config = run_config(task, out, args, root, state, sum(p.numel() for p in model.parameters()))
     out.write_config(config)
     if args.resume:  # the logs as of the checkpoint loaded (it may be the one before the newest)
         out.write_logs(state["history"])
         out.write_summary(state, "running", config)
     return Training(task, out, args, model, optimizer, distributed.wrap(model, task.device), config, state,
                     started=time.time() - state["elapsed"])
+
+
+def run_config(task, out, args, root, state, parameters):
+    """config.json: the flags, the command that repeats the run and the environment of the run as
+    started, and "segments": for the start and every --resume since, its command, time, starting
+    point, flags that may change on resume (cli.RESUMABLE_FLAGS), environment and how it ended."""
+    config = {**cli.recorded_flags(type(task), args, root), "experiment": task.name, "parameters": parameters}
+    if not distributed.is_main():
+        return config  # only rank 0 writes; the others need the flags (summaries) alone
+    config.update(rundir.environment(task.device, root))
+    if distributed.world_size() > 1:
+        config["processes"] = distributed.world_size()
+    segment = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": config["command"],
+               "from": {"epoch": state["epoch"], "batch": state["batch"]},
+               **{k: config["args"][k] for k in ("max_time", "data_dir", "out_dir")},
+               **{k: config[k] for k in ("device", "hardware", "git_commit")}}
+    earlier = out.read_config() if args.resume else None
+    if earlier is None:
+        return {**config, "segments": [segment]}
+    segments = earlier.get("segments") or [{"command": earlier.get("command"), "started": None}]
+    if "ended" not in segments[-1]:
+        segments[-1]["ended"] = out.how_it_ended()
+        if segments[-1]["ended"] == "killed":
+            print(f"note: the run's last process ended without closing it (killed); its segment is recorded "
+                  f"as such in {out.folder / 'config.json'}", file=sys.stderr)
+    return {**earlier, "segments": [*segments, segment]}
 
 
 def set_learning_rate(run, epoch):
@@ -241,8 +270,10 @@ def train_epoch(run, stop):
         if not torch.isfinite(batch_loss):
             run.status = "nan"
             if run.main:
-                print(f"loss is {batch_loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; the last "
-                      f"good checkpoint ({run.out.checkpoint}) is kept", file=sys.stderr)
+                kept = (f"the last good checkpoint ({run.out.checkpoint}, epoch {epoch}) is kept" if run.out.checkpoint.exists() else
+                        "no checkpoint was saved yet (the first one is written at the end of epoch 1)")
+                print(f"loss is {batch_loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; {kept}. "
+                      f"A smaller --lr, --dt or a --grad-norm may keep it finite", file=sys.stderr)
             break
         run.state["step"] += 1
         run.state["batch"] = i + 1
@@ -274,17 +305,23 @@ def close_epoch(run):
 
 
 def finish(run):
-    """The run's last checkpoint (when interrupted) and summary; exit 1 after a NaN."""
+    """The run's last checkpoint (when interrupted), summary and segment end; exit 1 after a NaN,
+    128 + the signal's number after a SIGTERM (143) or Ctrl-C (130)."""
     run.state["elapsed"] = run.elapsed()
     if run.status == "interrupted":
         run.save()
         if run.main:
             print(f"stopped; continue with the same command and --resume ({run.out.folder})", file=sys.stderr)
     summary = run.out.write_summary(run.state, run.status, run.config)
+    if run.main and run.config.get("segments"):
+        run.config["segments"][-1]["ended"] = run.status
+        run.out.write_config(run.config)
     if run.status == "finished" and run.main:
         print(f"done: {run.task.metric} on test = {summary['test']} (paper: {summary['paper']}); logs in {run.out.folder}")
     if run.status == "nan":
         sys.exit(1)
+    if run.status == "interrupted" and run.signum is not None:
+        sys.exit(128 + run.signum)
     return summary
 
 
@@ -301,4 +338,5 @@ def fit(task, out, args, root):
             stopping = distributed.anyone(stop.requested or run.out_of_time())
             if stopping and run.state["epoch"] < task.num_epochs():
                 run.status = "interrupted"
+        run.signum = stop.signum
     return finish(run)
