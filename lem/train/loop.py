@@ -130,10 +130,50 @@ def train(task_cls, args):
     if folder is None and args.out_dir is None:
         fail(f"{task_cls.__name__} is not an experiment of a checkout (no package {task_cls.name!r}): give --out-dir")
     root = folder.parent if folder is not None else checkout.root() or Path.cwd()
+    check_memory(task_cls, args)
     task = make_task(task_cls, args)
     out = rundir.Run(Path(args.out_dir or folder / "results") / (args.run_name or task.run_name()), task_cls)
     with out.claimed(args.resume):
         return fit(task, out, args, root)
+
+
+def check_memory(task_cls, args):
+    """Stop with one line, before anything is allocated, when what the run needs at the least
+    (Task.memory_needs) is more than its device has free."""
+    needs = task_cls.memory_needs(args)
+    device = pick_device(args.device)
+    free = free_memory(device) if needs else None
+    if free is not None and sum(needs.values()) > free:
+        biggest = max(needs, key=needs.get)
+        fail(f"this run needs at least {gib(sum(needs.values()))} of memory, more than the {gib(free)} free on "
+             f"{device}: " + "; ".join(f"{what} {gib(n)}" for what, n in needs.items())
+             + f". Make {' or '.join(biggest.split(' (')[0].split(' x '))} smaller.")
+
+
+def gib(n):
+    return f"{n / 2**30:.3g} GiB"
+
+
+def free_memory(device):
+    """Bytes free for a run on device: the GPU's free memory; on CPU the system's available memory
+    (/proc/meminfo's MemAvailable), or less where this process's cgroup limits it. None: unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = []
+    try:
+        with open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v2: the container's limit less what it uses
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else None
 
 
 def make_task(task_cls, args):
