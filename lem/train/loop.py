@@ -5,6 +5,7 @@ validation, result logs, checkpoints (the one before kept), exact resume, one pr
 folder, clean stop on Ctrl-C/SIGTERM, on a failed save and on NaN, a DataError turned into its
 message alone; under torchrun, data-parallel training (lem/train/distributed.py).
 """
+import contextlib
 import os
 import random
 import signal
@@ -365,10 +366,26 @@ def finish(run):
     return summary
 
 
+@contextlib.contextmanager
+def recorded_crash(run):
+    """An error that escapes the loop (out of memory, a bug) or a second Ctrl-C leaves summary.json
+    saying so ("failed" with the error, "interrupted"), not "running", and propagates."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if run.main:
+            run.out.record_end("interrupted", "KeyboardInterrupt (a second Ctrl-C): no checkpoint of this step")
+        raise
+    except Exception as e:
+        if run.main:
+            run.out.record_end("failed", f"{type(e).__name__}: {str(e).strip()[:300]}")
+        raise
+
+
 def fit(task, out, args, root):
     """The training loop of one run, in the folder this process holds (root: the checkout)."""
     run = start_training(task, out, args, root)
-    with StopRequest() as stop:
+    with StopRequest() as stop, recorded_crash(run):
         while run.state["epoch"] < task.num_epochs() and run.status == "finished":
             set_learning_rate(run, run.state["epoch"])
             train_epoch(run, stop)

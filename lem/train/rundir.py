@@ -203,17 +203,18 @@ class Run:
                          f"its last good checkpoint and logs are kept. Make room (or make the folder writable), "
                          f"then continue with the same command and --resume.")
         if error is not None:
-            self._record_failure(error)
+            self.record_end("failed", error)
         if distributed.anyone(error is not None):
             fail(error)
 
-    def _record_failure(self, error):
-        """summary.json says "failed" and why, where there is one and room to rewrite it."""
+    def record_end(self, status, why):
+        """summary.json says how the run ended when it cannot end normally (status, and why), where
+        there is a summary and room to rewrite it: what ends a run here may well stop that too."""
         path = self.folder / "summary.json"
         try:
             summary = json.loads(path.read_text())
-            atomic.write_json(path, {**summary, "status": "failed", "error": error})
-        except (OSError, ValueError):
+            atomic.write_json(path, {**summary, "status": status, "error": why})
+        except (OSError, ValueError, TypeError):
             pass
 
     def read_config(self):

@@ -189,3 +189,20 @@ def test_records_have_the_umask_mode_and_a_damaged_one_is_skipped_by_results(tmp
     assert err == f"skipping {tmp_path / 'broken'}: summary.json does not parse (JSONDecodeError: " \
                   f"Unterminated string starting at: line 1 column 16 (char 15))\n"
     assert "adding" in out
+
+
+def test_an_error_in_training_leaves_the_summary_saying_failed(tmp_path):
+    adding = experiments.task_class("adding")
+
+    class Crashing(adding):
+        def loss(self, model, batch_seed):  # the 101st iteration (epoch 2) runs out of memory
+            if batch_seed % 1_000_003 >= 100:
+                raise RuntimeError("out of memory (a stand-in)")
+            return super().loss(model, batch_seed)
+
+    with pytest.raises(RuntimeError, match="a stand-in"):
+        lem.train.run(Crashing, [*ADDING, "--max-iter", "200", "--out-dir", str(tmp_path), "--data-dir", str(tmp_path),
+                                 "--device", "cpu"])
+    summary = read_run(tmp_path / "lem_T10_h4_seed5544")[0]
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: out of memory (a stand-in)"
+    assert summary["epochs_done"] == 1  # and the epoch before it is kept: --resume continues from there
