@@ -2,7 +2,9 @@
 experiment adds its own), and the command that repeats a run (config.json's "rerun").
 
 Flags are spelled dash-case (--grad-norm); the reference code's underscore spelling (--grad_norm)
-is accepted too.
+is accepted too. Every flag is checked as it is parsed (the types below; together in parse_args),
+so a bad one stops with one line and exit code 2 before any data is read; --resume checks that the
+flags that change the numbers are the run's own (check_same_arguments).
 """
 import argparse
 import math

@@ -311,8 +311,8 @@ def train_epoch(run, stop):
         if not torch.isfinite(batch_loss):
             run.status = "nan"
             if run.main:
-                kept = (f"the last good checkpoint ({run.out.checkpoint}, epoch {epoch}) is kept" if run.out.checkpoint.exists() else
-                        "no checkpoint was saved yet (the first one is written at the end of epoch 1)")
+                kept = (f"the last good checkpoint ({run.out.checkpoint}) is kept" if run.out.checkpoint.exists()
+                        else "no checkpoint was saved yet (the first one is written at the end of epoch 1)")
                 print(f"loss is {batch_loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; {kept}. "
                       f"A smaller --lr, --dt or a --grad-norm may keep it finite", file=sys.stderr)
             break
