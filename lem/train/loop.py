@@ -354,9 +354,9 @@ def finish(run):
         if run.main:
             print(f"stopped; continue with the same command and --resume ({run.out.folder})", file=sys.stderr)
     summary = run.out.write_summary(run.state, run.status, run.config)
-    if run.main and run.config.get("segments"):
+    if run.config.get("segments"):  # rank 0's config; every process takes part in the write
         run.config["segments"][-1]["ended"] = run.status
-        run.out.write_config(run.config)
+    run.out.write_config(run.config)
     if run.status == "finished" and run.main:
         print(f"done: {run.task.metric} on test = {summary['test']} (paper: {summary['paper']}); logs in {run.out.folder}")
     if run.status == "nan":
