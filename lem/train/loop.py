@@ -251,7 +251,7 @@ def start_training(task, out, args, root):
     out.write("the task's files", lambda: task.start(out.folder))
     model, optimizer = make_model(task, args)
     if distributed.rank() > 0:
-        seed_everything(args.seed + distributed.rank())  # same init everywhere, then own dropout masks
+        seed_everything((args.seed + distributed.rank()) % 2**32)  # same init everywhere, then own dropout masks
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
     if args.resume:
         state = restore(out, args, task.device, model, optimizer, task)

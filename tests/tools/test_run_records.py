@@ -11,7 +11,7 @@ import pytest
 
 from lem.tools import reproduce, results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/tools/ -> the checkout
 RUNS = REPO / "docs" / "runs"
 TABLE_START = "<!-- python -m lem.tools.results --markdown docs/runs -->"
 TABLE_END = "<!-- end of table -->"
