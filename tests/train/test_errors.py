@@ -47,6 +47,7 @@ BAD_FLAGS = [
     ("adding", ["--test-size", "5e6"], "argument --test-size/--test_size: must be an integer >= 1, got '5e6'"),
     ("ptb", ["--l2", "-0.1"], "argument --l2: must be a finite number >= 0, got -0.1"),
     ("ptb", ["--dropout-in", "1.5"], "argument --dropout-in/--dropout_in: must be in [0, 1), got 1.5"),
+    ("google12", ["--sha256", "abc"], "argument --sha256: must be 64 hexadecimal digits or 'none', got 'abc'"),
     ("smnist", ["--valid-size", "0"], "argument --valid-size/--valid_size: must be at least 1, got 0"),
 ]
 
