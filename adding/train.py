@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script (python adding/train.py): the c
 
 import lem.train
 from lem.train import at_least
+from lem.train.task import activation_bytes
 from adding.data import adding_batch
 
 EVAL_EVERY = 100
@@ -41,6 +42,13 @@ class Adding(lem.train.Task):
         parser.add_argument("--seq-length", type=at_least(2), default=10000, help="T")
         parser.add_argument("--max-iter", type=at_least(1), default=30000, help="training iterations")
         parser.add_argument("--test-size", type=at_least(1), default=1000)
+
+    @classmethod
+    def memory_needs(cls, args):
+        T, floats = args.seq_length, 2 * 4  # (T, B, 2) float32 inputs
+        return {"--seq-length x --test-size (the test set)": T * args.test_size * floats,
+                "--seq-length x --batch (a training batch)": T * args.batch * floats,
+                "--seq-length x --batch x --nhid (a training step's states)": activation_bytes(T, args.batch, args.nhid)}
 
     def __init__(self, args, device):
         super().__init__(args, device)

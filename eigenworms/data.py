@@ -18,12 +18,13 @@ from sklearn.preprocessing import LabelEncoder
 from sktime.datasets import load_UCR_UEA_dataset, tsc_dataset_names
 
 from lem.data import DataError, cached
-from lem.data.series import nested_frame_series, pad_series, padded_splits
+from lem.data.series import are_padded_splits, nested_frame_series, pad_series, padded_splits, ts_series_count
 
 SPLIT_SEED = 1234
 MIRROR = "https://timeseriesclassification.com/aeon-toolkit/{}.zip"  # what sktime falls back to
 KNOWN = set(tsc_dataset_names.univariate) | set(tsc_dataset_names.multivariate)
 BUNDLED = Path(sktime.datasets.__file__).parent / "data"
+PAPER_COUNTS = {"EigenWorms": 259}  # series in train + test (docs/paper.md §3.2)
 
 
 def source_folder(name, data_dir):
@@ -38,6 +39,10 @@ def read_dataset(name, folder):
         X, y = load_UCR_UEA_dataset(name, extract_path=None if folder == BUNDLED else str(folder))
     except Exception as e:  # sktime raises RuntimeError (or OSError) when every mirror fails
         reason = str(e).replace("\n", "; ")
+        files = [folder / name / f"{name}_{part}.ts" for part in ("TRAIN", "TEST")]
+        if all(f.exists() for f in files):  # there, but not a .ts sktime parses
+            raise DataError(f"{files[0]} or {files[1]} is not a readable .ts file ({reason[:300]}): cut short or "
+                            f"damaged. Delete {folder / name} to download it again.") from None
         raise DataError(f"could not get the UEA/UCR dataset {name} through sktime ({reason}). "
                          f"Download {MIRROR.format(name)} by hand and unzip it so that "
                          f"{folder / name / (name + '_TRAIN.ts')} and _TEST.ts exist.") from None
@@ -56,6 +61,7 @@ def split(n):
 
 def build(name, folder):
     series, labels = read_dataset(name, folder)
+    check_count(name, folder, len(series))
     x, lengths = pad_series(series)
     encoder = LabelEncoder().fit(labels)
     y = torch.from_numpy(encoder.transform(labels)).long()
@@ -71,7 +77,18 @@ def load_splits(name, data_dir):
     sources = [folder / name / f"{name}_{part}.ts" for part in ("TRAIN", "TEST")]
     params = {"dataset": name, "merge": "train+test", "split": "train_test_split 0.3 then 0.5",
               "split_seed": SPLIT_SEED, "labels": "LabelEncoder", "layout": "time-first, zero-padded"}
-    return cached(Path(data_dir) / "eigenworms" / f"{name}.pt", lambda: build(name, folder), sources, params)
+    return cached(Path(data_dir) / "eigenworms" / f"{name}.pt", lambda: build(name, folder), sources, params,
+                  check=lambda d: are_padded_splits(d["splits"]) and isinstance(d["classes"], list))
+
+
+def check_count(name, folder, n):
+    """A DataError naming the files when a dataset of the paper has fewer (or more) series than it should:
+    a .ts file cut at a line boundary still parses."""
+    if name in PAPER_COUNTS and n != PAPER_COUNTS[name]:
+        files = [folder / name / f"{name}_{part}.ts" for part in ("TRAIN", "TEST")]
+        held = " and ".join(f"{f} {ts_series_count(f)}" for f in files if f.exists())
+        raise DataError(f"{name} has {PAPER_COUNTS[name]} series (docs/paper.md §3.2), its files hold {n} ({held}): "
+                        f"one is cut short or damaged. Delete {folder / name} to download it again.")
 
 
 def synthetic_splits(name, data_dir, n=259, length=17984, channels=6, classes=5):

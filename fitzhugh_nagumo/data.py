@@ -47,4 +47,7 @@ def load_splits(data_dir, seed, sizes=SPLIT_SIZES):
     def build():
         rng = np.random.RandomState(seed)
         return {split: make_split(n, rng) for split, n in sizes.items()}
-    return cached(data_dir / "fitzhugh_nagumo" / name, build, params=params)
+    def whole(splits):  # the structure check of the cache: (x, y) of (T, n, 1) each, n as asked
+        return set(splits) == set(sizes) and all(
+            x.shape == y.shape == (N_POINTS - 1, sizes[k], 1) for k, (x, y) in splits.items())
+    return cached(data_dir / "fitzhugh_nagumo" / name, build, params=params, check=whole)

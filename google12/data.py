@@ -161,7 +161,7 @@ def load_splits(data_dir, url=URL, sha256=SHA256, device="cpu"):
     root = Path(data_dir) / "speech_commands"
     params = {"archive": ARCHIVE, "sha256": sha256, "features": FEATURES, "classes": CLASSES}
     features = cached(root / "features.pt", lambda: extract_features(root, url, sha256, device), params=params,
-                      notes=lambda f: {"device": str(device), "splits": counts(f)})
+                      notes=lambda f: {"device": str(device), "splits": counts(f)}, check=are_features)
     return {split: (f["x"], f["y"]) for split, f in features.items()}
 
 
@@ -175,6 +175,13 @@ def extract_features(root, url, sha256, device):
         names = [str(path.relative_to(root / FOLDER)) + (f"@{start}" if stop else "") for path, start, stop, _ in clips]
         features[split] = {"x": x, "y": y, "clips": names}
     return features
+
+
+def are_features(features):
+    """Whether a cache holds what extract_features makes: {split: {'x', 'y', 'clips'}}, one clip a row."""
+    return set(features) == set(SPLITS) and all(
+        isinstance(f["x"], torch.Tensor) and isinstance(f["y"], torch.Tensor) and len(f["x"]) == len(f["y"]) == len(f["clips"])
+        for f in features.values())
 
 
 def counts(features):

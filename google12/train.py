@@ -8,6 +8,8 @@
 Input: 126 steps of 80 z-scored log-mel features, input dropout --drop, LEM, linear head on y_T.
 Reported: test accuracy (%) at the epoch of best validation accuracy.
 """
+import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +21,16 @@ if __package__ in (None, ""):  # run as a script (python google12/train.py): the
 import lem.train
 from lem.train import probability
 from google12.data import CLASSES, SHA256, URL, load_splits, synthetic_splits
+
+
+def sha256_or_none(text):
+    """An argparse type: 64 hexadecimal digits, or 'none' (checked before a 2.3 GB download, not after)."""
+    if text.lower() != "none" and not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError(f"must be 64 hexadecimal digits or 'none', got {text!r}")
+    return text
+
+
+sha256_or_none.__name__ = "sha256"
 
 
 class Google12(lem.train.Task):
@@ -34,7 +46,7 @@ class Google12(lem.train.Task):
     def add_arguments(parser):
         parser.add_argument("--drop", type=probability, default=0.03, help="dropout on the input feature sequence")
         parser.add_argument("--url", default=URL, help="where to fetch speech_commands_v0.02.tar.gz")
-        parser.add_argument("--sha256", default=SHA256, help="expected sha256 of the archive; 'none' skips the check")
+        parser.add_argument("--sha256", type=sha256_or_none, default=SHA256, help="expected sha256 of the archive; 'none' skips the check")
 
     def __init__(self, args, device):
         super().__init__(args, device)

@@ -17,13 +17,14 @@ import torch
 from sktime.datasets import load_from_tsfile
 
 from lem.data import DataError, cached
-from lem.data.series import nested_frame_series, pad_series, padded_splits
+from lem.data.series import are_padded_splits, nested_frame_series, pad_series, padded_splits
 from lem.data.download import download, extract
 
 ARCHIVE_URL = "https://zenodo.org/record/3902651/files/Monash_UEA_UCR_Regression_Archive.zip?download=1"
 ARCHIVE_NAME = "Monash_UEA_UCR_Regression_Archive.zip"
 DATASET = "BIDMC32HR"
 SPLIT_SEED = 123456
+PAPER_COUNT = 7949  # BIDMC32HR's series, train + test (docs/paper.md §3.5)
 
 
 def bidmc32hr_files(data_dir, url=ARCHIVE_URL):
@@ -64,6 +65,9 @@ def split(n):
 
 def build(train_file, test_file):
     (a, ya), (b, yb) = read_ts(train_file), read_ts(test_file)
+    if train_file.name == f"{DATASET}_TRAIN.ts" and len(a) + len(b) != PAPER_COUNT:
+        raise DataError(f"{DATASET} has {PAPER_COUNT} series (docs/paper.md §3.5), {train_file} and {test_file} hold "
+                        f"{len(a)} + {len(b)}: one is cut short or damaged. Delete it to extract it again.")
     x, lengths = pad_series(a + b)
     y = torch.from_numpy(np.concatenate([ya, yb]).astype(np.float32))
     return padded_splits(x, y, lengths, split(len(y)))
@@ -83,7 +87,7 @@ def load_splits(data_dir, train_file=None, test_file=None):
     params = {"merge": "train+test", "split": "random_split 0.7/0.3 then 0.5/0.5 (test, valid)",
               "split_seed": SPLIT_SEED, "layout": "time-first, zero-padded"}
     return cached(Path(data_dir) / "heart_rate" / f"{name}.pt", lambda: build(train_file, test_file),
-                  [train_file, test_file], params)
+                  [train_file, test_file], params, check=are_padded_splits)
 
 
 def synthetic_splits(data_dir, train_file=None, test_file=None, n=7949, length=4000, channels=2):

@@ -10,13 +10,22 @@ from pathlib import Path
 import torch
 
 
+def umask():
+    """The process's umask (os.umask can only read it by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_file(path, write, keep=None):
     """write(f) into a temporary file, then rename it to path. With keep, the file path held is
-    renamed to keep first: at every instant one whole file exists, under one name or the other."""
+    renamed to keep first: at every instant one whole file exists, under one name or the other.
+    The file gets the mode open() would give it (0o666 less the umask), not mkstemp's 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -38,9 +47,36 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+class _Remembering:
+    """A file whose write() remembers the OSError it raised (a full disk): torch's zip writer turns
+    that into an opaque RuntimeError, which torch_save turns back."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def torch_save(path, obj):
-    """torch.save(obj) to path, streamed (a dataset cache may be gigabytes)."""
-    write_file(path, lambda f: torch.save(obj, f))
+    """torch.save(obj) to path, streamed (a dataset cache may be gigabytes); a failed write raises
+    its own OSError (e.g. ENOSPC), as in rotate_checkpoint."""
+    def write(f):
+        remembering = _Remembering(f)
+        try:
+            torch.save(obj, remembering)
+        except Exception:  # the write's own OSError, or torch's RuntimeError around it
+            if remembering.error is not None:
+                raise remembering.error from None
+            raise
+    write_file(path, write)
 
 
 def rotate_checkpoint(path, obj, previous):

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script (python ptb/train.py): the chec
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lem.train
-from lem.train import at_least, probability
+from lem.train import at_least, non_negative, probability
 from ptb.data import batchify, eval_streams, load_corpus, num_windows, synthetic_corpus, window
 
 
@@ -89,7 +89,7 @@ class PTB(lem.train.Task):
         parser.add_argument("--dropout-out", type=probability, default=d["dropout_out"], help="dropout on the LEM output")
         parser.add_argument("--dropout-state", type=probability, default=d["dropout_state"],
                             help="variational dropout on the recurrent state y (one mask per window)")
-        parser.add_argument("--l2", type=float, default=d["l2"], help="L2 penalty: loss += l2 · ½ Σ θ²")
+        parser.add_argument("--l2", type=non_negative, default=d["l2"], help="L2 penalty: loss += l2 · ½ Σ θ²")
         parser.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=d["tie_weights"],
                             help="decoder weight = embedding weight")
         parser.add_argument("--eval-every", type=at_least(1), default=200, help="steps per turn (validation after each)")

@@ -39,6 +39,23 @@ def nested_frame_series(X):
     return [np.stack(s, axis=1) for s in series]
 
 
+def are_padded_splits(splits, parts=("train", "valid", "test")):
+    """Whether splits is what padded_splits makes for these parts: (x (T, N, C), targets (N,),
+    lengths (N,)) tensors each (the structure check of a cache, lem.data.cached)."""
+    return set(splits) == set(parts) and all(
+        len(t) == 3 and all(isinstance(v, torch.Tensor) for v in t) and t[0].dim() == 3
+        and len(t[1]) == len(t[2]) == t[0].size(1) for t in splits.values())
+
+
+def ts_series_count(path):
+    """The series a .ts file holds: its non-blank lines after @data (one series a line)."""
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.strip().lower().startswith("@data"):
+                break
+        return sum(1 for line in f if line.strip())
+
+
 def padded_splits(x, targets, lengths, parts):
     """{part: (x (T_part, N_part, C), targets, lengths)} for the index sets `parts` of padded series
     (x, targets, lengths), each part cut to its longest series."""

@@ -9,6 +9,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 from .. import checkout
@@ -17,15 +18,39 @@ from ..train.cli import RUN_ONLY_FLAGS
 NOT_HYPERPARAMETERS = RUN_ONLY_FLAGS | {"seed"}  # runs that differ only in these are one setting
 
 
+SUMMARY_KEYS = ("experiment", "model", "metric", "status", "test")
+
+
 def load_runs(folders):
+    """Every run under folders; one whose summary.json or config.json does not parse (or lacks what
+    a table needs) is skipped with one line naming the file."""
     runs = []
     for folder in folders:
         for summary_file in sorted(Path(folder).rglob("summary.json")):
-            config_file = summary_file.with_name("config.json")
-            summary = json.loads(summary_file.read_text())
-            config = json.loads(config_file.read_text()) if config_file.exists() else {"args": {}}
-            runs.append({"folder": summary_file.parent, "summary": summary, "args": config.get("args", {})})
+            try:
+                runs.append(read_record(summary_file))
+            except ValueError as e:
+                print(f"skipping {summary_file.parent}: {e}", file=sys.stderr)
     return runs
+
+
+def read_record(summary_file):
+    """One run of load_runs; a ValueError naming the damaged file."""
+    config_file = summary_file.with_name("config.json")
+    summary = read_json(summary_file)
+    config = read_json(config_file) if config_file.exists() else {"args": {}}
+    missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+    if missing or not isinstance(config, dict) or not isinstance(config.get("args", {}), dict):
+        damaged = summary_file if missing else config_file
+        raise ValueError(f"{damaged.name} is not a whole record" + (f" (it lacks {', '.join(missing)})" if missing else ""))
+    return {"folder": summary_file.parent, "summary": summary, "args": config.get("args", {})}
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{Path(path).name} does not parse ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def group_key(run):
@@ -118,8 +143,16 @@ def paper_values(paper):
 
 
 def read_log(folder):
-    lines = (Path(folder) / "log.jsonl").read_text().splitlines() if (Path(folder) / "log.jsonl").exists() else []
-    return [json.loads(line) for line in lines]
+    """The records of a run's log.jsonl; a damaged one ends the curve there, with one line saying so."""
+    path = Path(folder) / "log.jsonl"
+    records = []
+    for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"{path}: line {n} does not parse; the curve ends at line {n - 1}", file=sys.stderr)
+            break
+    return records
 
 
 MODEL_COLOURS = {"lem": "C0", "lstm": "C1", "gru": "C2"}

@@ -5,12 +5,14 @@ validation, result logs, checkpoints (the one before kept), exact resume, one pr
 folder, clean stop on Ctrl-C/SIGTERM, on a failed save and on NaN, a DataError turned into its
 message alone; under torchrun, data-parallel training (lem/train/distributed.py).
 """
+import contextlib
 import os
 import random
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +56,12 @@ def set_rng_state(state):
 
 
 class StopRequest:
-    """First Ctrl-C or SIGTERM asks the loop to save and stop after the current step."""
+    """First Ctrl-C or SIGTERM asks the loop to save and stop after the current step; `signum` is
+    the signal that asked (the run then exits with 128 + signum, as a shell reports a signal)."""
 
     def __init__(self):
         self.requested = False
+        self.signum = None
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -67,6 +71,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         if distributed.is_main():
             print(f"\n{signal.Signals(signum).name}: saving a checkpoint and stopping after this step", file=sys.stderr)
 
@@ -134,10 +139,50 @@ def train(task_cls, args):
     if folder is None and args.out_dir is None:
         fail(f"{task_cls.__name__} is not an experiment of a checkout (no package {task_cls.name!r}): give --out-dir")
     root = folder.parent if folder is not None else checkout.root() or Path.cwd()
+    check_memory(task_cls, args)
     task = make_task(task_cls, args)
     out = rundir.Run(Path(args.out_dir or folder / "results") / (args.run_name or task.run_name()), task_cls)
     with out.claimed(args.resume):
         return fit(task, out, args, root)
+
+
+def check_memory(task_cls, args):
+    """Stop with one line, before anything is allocated, when what the run needs at the least
+    (Task.memory_needs) is more than its device has free."""
+    needs = task_cls.memory_needs(args)
+    device = pick_device(args.device)
+    free = free_memory(device) if needs else None
+    if free is not None and sum(needs.values()) > free:
+        biggest = max(needs, key=needs.get)
+        fail(f"this run needs at least {gib(sum(needs.values()))} of memory, more than the {gib(free)} free on "
+             f"{device}: " + "; ".join(f"{what} {gib(n)}" for what, n in needs.items())
+             + f". Make {' or '.join(biggest.split(' (')[0].split(' x '))} smaller.")
+
+
+def gib(n):
+    return f"{n / 2**30:.3g} GiB"
+
+
+def free_memory(device):
+    """Bytes free for a run on device: the GPU's free memory; on CPU the system's available memory
+    (/proc/meminfo's MemAvailable), or less where this process's cgroup limits it. None: unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = []
+    try:
+        with open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v2: the container's limit less what it uses
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else None
 
 
 def make_task(task_cls, args):
@@ -163,7 +208,8 @@ def make_model(task, args):
 def restore(out, args, device, model, optimizer, task):
     """Load the run's checkpoint into model, optimizer, task and RNGs; returns the loop's state."""
     ckpt = out.load_checkpoint(device)
-    cli.check_same_arguments(ckpt["args"], vars(args))
+    saved = {**ckpt["args"], "device": ckpt.get("device", ckpt["args"].get("device"))}
+    cli.check_same_arguments(saved, {**vars(args), "device": str(device)})
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     task.load_state_dict(ckpt["task"])
@@ -176,7 +222,8 @@ def restore(out, args, device, model, optimizer, task):
 @dataclass
 class Training:
     """One run in progress: what fit's steps share. `state` is what a checkpoint keeps of the loop
-    (epoch, batch, step, elapsed, best, history); status: finished, interrupted or nan."""
+    (epoch, batch, step, elapsed, best, history); status: finished, interrupted or nan; signum: the
+    signal that interrupted it, if one did."""
     task: object
     out: rundir.Run
     args: object
@@ -187,6 +234,7 @@ class Training:
     state: dict
     started: float
     status: str = "finished"
+    signum: int = None
     main: bool = field(default_factory=distributed.is_main)  # under torchrun only rank 0 prints and writes
 
     def elapsed(self):
@@ -198,7 +246,8 @@ class Training:
     def save(self):
         rngs = distributed.gather(rng_state())
         ckpt = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "task": self.task.state_dict(), "rng": rngs[0], "state": self.state, "args": vars(self.args)}
+                "task": self.task.state_dict(), "rng": rngs[0], "state": self.state, "args": vars(self.args),
+                "device": str(self.task.device)}
         if len(rngs) > 1:
             ckpt["rng_ranks"] = rngs  # every process's own, for an exact resume on as many processes
         self.out.save_checkpoint(lambda: ckpt)
@@ -210,24 +259,45 @@ def start_training(task, out, args, root):
     out.write("the task's files", lambda: task.start(out.folder))
     model, optimizer = make_model(task, args)
     if distributed.rank() > 0:
-        seed_everything(args.seed + distributed.rank())  # same init everywhere, then own dropout masks
+        seed_everything((args.seed + distributed.rank()) % 2**32)  # same init everywhere, then own dropout masks
     state = {"epoch": 0, "batch": 0, "step": 0, "elapsed": 0.0, "best": None, "history": []}
     if args.resume:
         state = restore(out, args, task.device, model, optimizer, task)
         if distributed.is_main():
             print(f"resumed {out.folder} at epoch {state['epoch']}, batch {state['batch']}")
-    config = {**cli.recorded_flags(type(task), args, root), "experiment": task.name,
-              "parameters": sum(p.numel() for p in model.parameters())}
-    if distributed.is_main():
-        config.update(rundir.environment(task.device, root))
-        if distributed.world_size() > 1:
-            config["processes"] = distributed.world_size()
+    config = run_config(task, out, args, root, state, sum(p.numel() for p in model.parameters()))
     out.write_config(config)
     if args.resume:  # the logs as of the checkpoint loaded (it may be the one before the newest)
         out.write_logs(state["history"])
         out.write_summary(state, "running", config)
     return Training(task, out, args, model, optimizer, distributed.wrap(model, task.device), config, state,
                     started=time.time() - state["elapsed"])
+
+
+def run_config(task, out, args, root, state, parameters):
+    """config.json: the flags, the command that repeats the run and the environment of the run as
+    started, and "segments": for the start and every --resume since, its command, time, starting
+    point, flags that may change on resume (cli.RESUMABLE_FLAGS), environment and how it ended."""
+    config = {**cli.recorded_flags(type(task), args, root), "experiment": task.name, "parameters": parameters}
+    if not distributed.is_main():
+        return config  # only rank 0 writes; the others need the flags (summaries) alone
+    config.update(rundir.environment(task.device, root))
+    if distributed.world_size() > 1:
+        config["processes"] = distributed.world_size()
+    segment = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": config["command"],
+               "from": {"epoch": state["epoch"], "batch": state["batch"]},
+               **{k: config["args"][k] for k in ("max_time", "data_dir", "out_dir")},
+               **{k: config[k] for k in ("device", "hardware", "git_commit")}}
+    earlier = out.read_config() if args.resume else None
+    if earlier is None:
+        return {**config, "segments": [segment]}
+    segments = earlier.get("segments") or [{"command": earlier.get("command"), "started": None}]
+    if "ended" not in segments[-1]:
+        segments[-1]["ended"] = out.how_it_ended()
+        if segments[-1]["ended"] == "killed":
+            print(f"note: the run's last process ended without closing it (killed); its segment is recorded "
+                  f"as such in {out.folder / 'config.json'}", file=sys.stderr)
+    return {**earlier, "segments": [*segments, segment]}
 
 
 def set_learning_rate(run, epoch):
@@ -249,8 +319,10 @@ def train_epoch(run, stop):
         if not torch.isfinite(batch_loss):
             run.status = "nan"
             if run.main:
-                print(f"loss is {batch_loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; the last "
-                      f"good checkpoint ({run.out.checkpoint}) is kept", file=sys.stderr)
+                kept = (f"the last good checkpoint ({run.out.checkpoint}) is kept" if run.out.checkpoint.exists()
+                        else "no checkpoint was saved yet (the first one is written at the end of epoch 1)")
+                print(f"loss is {batch_loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopping; {kept}. "
+                      f"A smaller --lr, --dt or a --grad-norm may keep it finite", file=sys.stderr)
             break
         run.state["step"] += 1
         run.state["batch"] = i + 1
@@ -282,24 +354,46 @@ def close_epoch(run):
 
 
 def finish(run):
-    """The run's last checkpoint (when interrupted) and summary; exit 1 after a NaN."""
+    """The run's last checkpoint (when interrupted), summary and segment end; exit 1 after a NaN,
+    128 + the signal's number after a SIGTERM (143) or Ctrl-C (130)."""
     run.state["elapsed"] = run.elapsed()
     if run.status == "interrupted":
         run.save()
         if run.main:
             print(f"stopped; continue with the same command and --resume ({run.out.folder})", file=sys.stderr)
     summary = run.out.write_summary(run.state, run.status, run.config)
+    if run.config.get("segments"):  # rank 0's config; every process takes part in the write
+        run.config["segments"][-1]["ended"] = run.status
+    run.out.write_config(run.config)
     if run.status == "finished" and run.main:
         print(f"done: {run.task.metric} on test = {summary['test']} (paper: {summary['paper']}); logs in {run.out.folder}")
     if run.status == "nan":
         sys.exit(1)
+    if run.status == "interrupted" and run.signum is not None:
+        sys.exit(128 + run.signum)
     return summary
+
+
+@contextlib.contextmanager
+def recorded_crash(run):
+    """An error that escapes the loop (out of memory, a bug) or a second Ctrl-C leaves summary.json
+    saying so ("failed" with the error, "interrupted"), not "running", and propagates."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if run.main:
+            run.out.record_end("interrupted", "KeyboardInterrupt (a second Ctrl-C): no checkpoint of this step")
+        raise
+    except Exception as e:
+        if run.main:
+            run.out.record_end("failed", f"{type(e).__name__}: {str(e).strip()[:300]}")
+        raise
 
 
 def fit(task, out, args, root):
     """The training loop of one run, in the folder this process holds (root: the checkout)."""
     run = start_training(task, out, args, root)
-    with StopRequest() as stop:
+    with StopRequest() as stop, recorded_crash(run):
         while run.state["epoch"] < task.num_epochs() and run.status == "finished":
             set_learning_rate(run, run.state["epoch"])
             train_epoch(run, stop)
@@ -309,4 +403,5 @@ def fit(task, out, args, root):
             stopping = distributed.anyone(stop.requested or run.out_of_time())
             if stopping and run.state["epoch"] < task.num_epochs():
                 run.status = "interrupted"
+        run.signum = stop.signum
     return finish(run)

@@ -52,6 +52,25 @@ def lock(path):
     return fd
 
 
+def lock_folder(folder):
+    """An exclusive lock on the folder itself, held as lock() holds one. Deleting run.lock cannot
+    free it (the folder stays while it holds files), so no second process gets in that way. Its
+    holder's PID goes to folder/run.lock, for people and for the message of a refused process.
+    Raises as lock() does; OSError also where directories cannot be locked (NFS: see Run._claim)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    try:
+        atomic.write_text(Path(folder) / LOCK_FILE, f"{os.getpid()}\n")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def portable(path, root):
     """A path as a record keeps it: relative to the checkout `root` when inside it, so that run
     records copied elsewhere (docs/runs) name no folder of the machine that ran them."""
@@ -141,13 +160,16 @@ class Run:
             return f"cannot make the run folder {self.folder}: {e.strerror or e}"
         lock_file = self.folder / LOCK_FILE
         try:
-            self._lock = lock(lock_file)
+            self._lock = self._take_lock(lock_file)
         except BlockingIOError:
-            holder = lock_file.read_text().strip() or "(PID not yet written)"
-            return (f"{self.folder} is in use: process {holder} is training this run and holds its lock ({lock_file}). "
-                    f"Two processes on one run would overwrite each other's checkpoint and logs, so this one stops. "
-                    f"Wait for that process to end (--resume then continues the run), or give this one "
-                    f"another --run-name or --seed.")
+            try:
+                holder = lock_file.read_text().strip() or "(PID not yet written)"
+            except OSError:
+                holder = "(PID unknown: run.lock was removed)"
+            return (f"{self.folder} is in use: process {holder} is training this run and holds its lock (the folder "
+                    f"itself; its PID is in {lock_file}). Two processes on one run would overwrite each other's "
+                    f"checkpoint and logs, so this one stops. Wait for that process to end (--resume then continues "
+                    f"the run), or give this one another --run-name or --seed.")
         except OSError as e:  # a file system without locks, e.g. Lustre mounted with -o noflock
             print(f"warning: cannot lock {lock_file} ({e.strerror}); nothing keeps a second process off this run",
                   file=sys.stderr)
@@ -160,6 +182,16 @@ class Run:
             return f"--resume: no checkpoint at {self.checkpoint}"
         return None
 
+    def _take_lock(self, lock_file):
+        """The folder's lock (lock_folder); where a directory cannot be locked (NFS emulates flock by
+        byte-range locks, which need a file open for writing), the lock of the file run.lock instead."""
+        try:
+            return lock_folder(self.folder)
+        except BlockingIOError:
+            raise
+        except OSError:
+            return lock(lock_file)
+
     def write(self, what, write):
         """write() on rank 0. If it fails (disk full, read-only folder), every process stops."""
         error = None
@@ -170,8 +202,39 @@ class Run:
                 error = (f"could not write {what} in {self.folder}: {e.strerror or e}. The run stops here; "
                          f"its last good checkpoint and logs are kept. Make room (or make the folder writable), "
                          f"then continue with the same command and --resume.")
+        if error is not None:
+            self.record_end("failed", error)
         if distributed.anyone(error is not None):
             fail(error)
+
+    def record_end(self, status, why):
+        """summary.json says how the run ended when it cannot end normally (status, and why), where
+        there is a summary and room to rewrite it: what ends a run here may well stop that too."""
+        path = self.folder / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+            atomic.write_json(path, {**summary, "status": status, "error": why})
+        except (OSError, ValueError, TypeError):
+            pass
+
+    def read_config(self):
+        """config.json as the run's earlier segments wrote it; None (saying so) when it is missing or damaged."""
+        path = self.folder / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"warning: {path} does not read ({type(e).__name__}); it is written anew from this segment",
+                  file=sys.stderr)
+            return None
+
+    def how_it_ended(self):
+        """How the process that trained this run before ended, by its summary.json: "killed" when it
+        still says "running" (read under the lock, so that process is gone), else its status."""
+        try:
+            status = json.loads((self.folder / "summary.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            return "unknown"
+        return "killed" if status == "running" else status
 
     def save_checkpoint(self, make):
         """Write make() as checkpoint.pt; the checkpoint it replaces becomes checkpoint.prev.pt."""

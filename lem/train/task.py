@@ -34,6 +34,13 @@ class Task:
     def add_arguments(parser):
         """Flags only this experiment has."""
 
+    @classmethod
+    def memory_needs(cls, args):
+        """What this run's data and first training step take at the least, in bytes, known from the
+        flags before anything is allocated: {what, naming its flags: bytes}. The harness stops a run
+        that needs more than its device has free. {}: not estimated."""
+        return {}
+
     def __init__(self, args, device):
         """Read the data (a DataError says what is missing or corrupt). args: the parsed flags."""
         self.args, self.device = args, device
@@ -100,6 +107,12 @@ class Task:
     def start(self, run_dir):
         """Called with the run folder before training (and on --resume): files a run needs
         beside its logs go there, e.g. psMNIST's permutation."""
+
+
+def activation_bytes(steps, batch, nhid):
+    """The least a training step through a recurrent layer keeps for its backward: its states y and
+    z (LEM; h and c of an LSTM) at every step, float32."""
+    return 2 * steps * batch * nhid * 4
 
 
 def shuffled_batches(n, batch_size, seed, epoch):

@@ -128,12 +128,17 @@ def test_rmse_is_over_the_whole_split(tmp_path):
     assert task.evaluate(zero, "valid")["rmse"] == pytest.approx(y.pow(2).mean().sqrt().item(), rel=1e-6)
 
 
-def test_bidmc32hr_placed_by_hand_is_the_default(tmp_path):
+def test_bidmc32hr_placed_by_hand_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PAPER_COUNT", 14)  # a small stand-in for its 7949 series
     make_pair(tmp_path / "data" / "heart_rate" / "BIDMC32HR", "BIDMC32HR", n_train=10, n_test=4)
     task = heart_rate_task(tmp_path / "data")  # no --train-file: BIDMC32HR, found without a download
     assert sum(len(task.splits[p][1]) for p in ("train", "valid", "test")) == 14
     assert (tmp_path / "data" / "heart_rate" / "BIDMC32HR.json").exists()
     assert not (tmp_path / "data" / "heart_rate" / data.ARCHIVE_NAME).exists()
+    monkeypatch.setattr(data, "PAPER_COUNT", 15)  # one series short of the paper's count: an error naming the files
+    (tmp_path / "data" / "heart_rate" / "BIDMC32HR.pt").unlink()
+    with pytest.raises(DataError, match="BIDMC32HR has 15 series .*BIDMC32HR_TRAIN.ts and .*BIDMC32HR_TEST.ts hold 10 \\+ 4"):
+        heart_rate_task(tmp_path / "data")
 
 
 def test_train_end_to_end_on_a_ts_pair(tmp_path):

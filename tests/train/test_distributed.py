@@ -76,7 +76,7 @@ def test_seed_batches_split_and_a_distributed_run_resumes(tmp_path):
 def test_a_refused_torchrun_job_stops_every_process(tmp_path):
     run_dir = tmp_path / "lem_h8_seed1234"
     run_dir.mkdir()
-    lock = rundir.lock(run_dir / rundir.LOCK_FILE)  # this test process trains the run, as far as anyone knows
+    lock = rundir.lock_folder(run_dir)  # this test process trains the run, as far as anyone knows
     try:
         proc = torchrun("fitzhugh_nagumo", *FHN, out_dir=tmp_path, data_dir=tmp_path / "data", check=False)
     finally:

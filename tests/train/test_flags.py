@@ -38,6 +38,10 @@ def other_value(action, flag):
         return [str(value)], value
     if kind in ("float", "probability"):
         return ["0.25"], 0.25
+    if kind == "device":
+        return ["cpu"], "cpu"
+    if kind == "sha256":
+        return ["none"], "none"
     return ["/tmp/lem-flag-value"], "/tmp/lem-flag-value"  # a folder, a URL, a name: any text
 
 

@@ -97,8 +97,9 @@ def test_sigkill_then_resume_gives_the_same_numbers(tmp_path, data_dir, fhn_refe
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after it finished
     resumed = run_train("fitzhugh_nagumo", *FHN_TINY, "--epochs", 4, "--resume", out_dir=tmp_path, data_dir=data_dir)
     assert "resumed" in resumed.stdout
-    summary, _, log = read_run(tmp_path / "lem_h8_seed1234")
+    summary, config, log = read_run(tmp_path / "lem_h8_seed1234")
     ref_summary, _, ref_log = fhn_reference
+    assert [s["ended"] for s in config["segments"]] == ["killed", "finished"]
     assert metrics_only(log) == metrics_only(ref_log)
     assert summary["test"] == ref_summary["test"] and summary["status"] == "finished"
 
@@ -108,7 +109,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_exactly(tmp_path, data_dir, fhn_ref
     wait_for_records(tmp_path / "lem_h8_seed1234" / "log.jsonl", 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 128 + signal.SIGTERM, stderr  # stopped by a signal, as a shell reports it
     summary, _, _ = read_run(tmp_path / "lem_h8_seed1234")
     assert summary["status"] == "interrupted" and "--resume" in stderr
     ckpt = torch.load(tmp_path / "lem_h8_seed1234" / "checkpoint.pt", weights_only=False)
@@ -276,6 +277,7 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_good_files(tmp_path, mon
     assert str(stop.value.code).startswith(f"could not write {what} in {run_dir}: No space left on device. ")
     summary, _, log = read_run(run_dir)
     assert summary["epochs_done"] == 2 and len(log) == 2 and not list(run_dir.glob(".*.tmp"))
+    assert summary["status"] == "failed" and summary["error"] == stop.value.code
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["epoch"]
     assert saved == (2 if failing == "checkpoint.pt" else 3)
 
