@@ -44,6 +44,22 @@ print(json.dumps({"lem": lem.__file__, "cpp_error": repr(kernels._broken.get("cp
                   "commit": rundir.environment("cpu", Path.cwd())["git_commit"]}))
 """
 
+# what only the [experiments] extra brings: the layer must import and run without any of them
+EXTRAS = ("tqdm", "requests", "scipy", "sklearn", "sktime", "soundfile", "matplotlib", "torchvision", "torchaudio",
+          "optuna")
+LAYER_ALONE = f"""
+import sys
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {EXTRAS!r}:
+            raise ImportError(name + " is not installed")
+sys.meta_path.insert(0, Missing())
+import torch, lem
+from lem.kernels import build
+lem.LEM(3, 8, num_layers=2, backend="cpp")(torch.randn(10, 2, 3))[0].sum().backward()
+print(repr(lem.kernels._broken.get("cpp", "never tried")))
+"""
+
 
 def _run(args, cwd, **kwargs):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LEM_DATA")}
@@ -88,6 +104,11 @@ def test_the_installed_layer_trains_on_the_fused_backend_outside_a_checkout(inst
     assert result["losses"][-1] < result["losses"][0]
     assert result["data_dir"] == str(outside.resolve() / "data")
     assert result["commit"] == "not a git checkout"
+
+
+def test_the_layer_needs_nothing_of_the_experiments_extra():
+    done = _checked([sys.executable, "-c", LAYER_ALONE], CHECKOUT)  # -c: the checkout's lem, from its root
+    assert done.stdout.splitlines()[-1] == "None"
 
 
 @pytest.mark.parametrize("tool", TOOLS)
