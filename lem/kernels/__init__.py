@@ -18,6 +18,7 @@ one warning. The GPU tiers run float32, bfloat16 and float16 inputs, and torch.a
 runs on `reference`.
 """
 import os
+import sys
 import warnings
 import weakref
 
@@ -107,9 +108,26 @@ def _usable(name):
             _broken[name] = None
         except Exception as error:  # a compiler or import failure of any kind: fall back, never fail
             _broken[name] = error
-            warnings.warn(f"LEM backend {name!r} is unavailable ({type(error).__name__}: {str(error).strip()[:300]}); "
-                          f"using the slower 'reference' loop instead", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"LEM backend {name!r} is unavailable ({type(error).__name__}: {_first_line(error)}); "
+                          f"using the slower 'reference' loop instead", RuntimeWarning, stacklevel=_callers_level())
     return _broken[name] is None
+
+
+def _first_line(error):
+    """The error's message up to its first line break (a failed C++ build's says where its log is)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] + (" ..." if len(lines) > 1 else "") if lines else "no message"
+
+
+def _callers_level():
+    """The warnings stacklevel of the first frame outside lem and torch (nn.Module.__call__,
+    torch.compile): the user's call, whichever of lem's functions the first call went through."""
+    lem_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    internal = tuple(os.path.join(folder, "") for folder in (lem_dir, os.path.dirname(os.path.abspath(torch.__file__))))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def backward_can_follow(*tensors):

@@ -8,9 +8,10 @@ one node instead of breaking the graph there.
 import hashlib
 import importlib.util
 import logging
-import os
 import sys
+import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -21,36 +22,92 @@ from torch import Tensor
 from . import backward_can_follow, gemm_dtype, reference
 
 SOURCE = Path(__file__).with_name("lem_cpu.cpp")
-BUILD_DIR = None  # None: torch's cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions)
+BUILD_DIR = None  # None: torch's cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<python>_<cuda>)
 _module = None
 STALE_LOCK_S = 15 * 60  # a build takes ~1.5 min on 2 cores
 
 
+class BuildError(RuntimeError):
+    """The C++ build failed; the message names the log file that holds the compiler's full output."""
+
+
 def load():
-    """The compiled extension; raises whatever the compiler raised (the caller falls back)."""
+    """The compiled extension: the one built before for this source, these flags, this torch and
+    this Python, else built now (~1-2 min, announced on stderr). Raises BuildError (or whatever
+    stopped the build) when it cannot be had: the caller falls back."""
     global _module
     if _module is None:
-        build_dir = BUILD_DIR
-        if build_dir is not None:
-            os.makedirs(build_dir, exist_ok=True)
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
-        from torch.utils import cpp_extension
-        # -fno-trapping-math -fno-math-errno let the exp/tanh loops vectorise. -fopenmp: at::parallel_for
-        # is OpenMP inside torch's headers, so without it every call runs on one thread (the OpenMP
-        # runtime, libgomp.so.1, is the one torch has loaded already)
-        flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", *_simd_flags()]
-        # The name carries the hash of the source, its path, the flags and torch's version: two
-        # checkouts never share (or race on) one cached build, which ninja would rebuild whenever the
-        # other one loads it, and a build found under this name was made from exactly this source.
-        key = SOURCE.read_bytes() + str(SOURCE.resolve()).encode() + " ".join(flags).encode() + torch.__version__.encode()
-        name = f"lem_cpu_{hashlib.sha1(key).hexdigest()[:12]}"
-        folder = build_dir or cpp_extension._get_build_directory(name, False)
-        _module = _import_built(name, folder)
-        if _module is None:
-            _check_build_lock(Path(folder) / "lock")
-            _module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=build_dir,
-                                         extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        flags = compiler_flags()
+        name = build_name(flags)
+        folder = build_folder(name)
+        _module = _import_built(name, folder) or _build(name, folder, flags)
     return _module
+
+
+def compiler_flags():
+    # -fno-trapping-math -fno-math-errno let the exp/tanh loops vectorise. -fopenmp: at::parallel_for
+    # is OpenMP inside torch's headers, so without it every call runs on one thread (the OpenMP
+    # runtime, libgomp.so.1, is the one torch has loaded already)
+    return ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", *_simd_flags()]
+
+
+def build_name(flags):
+    """lem_cpu_<hash of the source's content, the flags, torch's version and the Python ABI>: a new
+    environment with the same torch reuses a build, and one found under this name was made from
+    exactly this source (two checkouts whose sources differ never share one). Not the source's
+    path: a checkout and a pip-installed copy of the same source share their build."""
+    key = b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(),
+                      sys.implementation.cache_tag.encode()])
+    return f"lem_cpu_{hashlib.sha1(key).hexdigest()[:12]}"
+
+
+def build_folder(name):
+    """Where the build named `name` lives (created if missing)."""
+    if BUILD_DIR is not None:
+        folder = Path(BUILD_DIR)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return Path(_cpp_extension()._get_build_directory(name, False))
+
+
+def _cpp_extension():
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA" notice
+    from torch.utils import cpp_extension
+    return cpp_extension
+
+
+def _build(name, folder, flags):
+    """cpp_extension.load, announced on stderr with its time; when it fails, the compiler's output
+    goes to a log file that the BuildError names."""
+    cpp_extension = _cpp_extension()
+    _check_build_lock(folder / "lock")
+    print(f"lem: building the fused CPU kernel, once, about 1-2 min, in {folder}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder),
+                                    extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as error:  # the compiler's error, or no compiler or ninja at all
+        log = _write_build_log(folder, error)
+        print(f"lem: the build of the fused CPU kernel failed after {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
+        raise BuildError(f"building {SOURCE} failed; the compiler's full output is in {log}") from error
+    print(f"lem: built the fused CPU kernel in {time.perf_counter() - start:.0f} s: {module.__file__}",
+          file=sys.stderr, flush=True)
+    return module
+
+
+def _write_build_log(folder, error):
+    """The path of a log holding the whole failure (cpp_extension puts the compiler's output in the
+    exception's message): the build folder's build.log, or a temporary file if that is not writable."""
+    text = "".join(traceback.format_exception(error))
+    try:
+        log = Path(folder) / "build.log"
+        log.write_text(text)
+    except OSError:
+        with tempfile.NamedTemporaryFile("w", prefix="lem_cpu_build_", suffix=".log", delete=False) as f:
+            f.write(text)
+        log = Path(f.name)
+    return log
 
 
 def _import_built(name, folder):

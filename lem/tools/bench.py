@@ -440,7 +440,9 @@ def main(argv=None):
     else:
         try:
             epoch_main(args, rest)
-        except (checkout.NotACheckout, ValueError) as e:
+        except checkout.NotACheckout as e:
+            p.exit(2, f"{p.prog}: {e}\n")
+        except ValueError as e:
             p.error(str(e))
 
 

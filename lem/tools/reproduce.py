@@ -62,16 +62,18 @@ def differences(recorded, repeated):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m lem.tools.reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run folder holding config.json and log.jsonl")
     p.add_argument("--epochs", type=int, default=None, help="re-run and compare only the first N epochs")
     p.add_argument("--data-dir", dest="data_dir", default=None, help="default: the folder the run recorded")
     args = p.parse_args(argv)
     try:
+        checkout.required_root()  # outside a checkout no recorded command can run: say that first
         recorded = read_records(args.run_dir)
         repeated = rerun(args.run_dir, args.epochs, args.data_dir)
     except (OSError, ValueError, KeyError, checkout.NotACheckout) as e:
-        p.exit(2, f"cannot re-run {args.run_dir}: {e}\n")
+        p.exit(2, f"{p.prog}: cannot re-run {args.run_dir}: {e}\n")
     if len(repeated) < (args.epochs or len(recorded)):
         sys.exit(f"the re-run stopped after {len(repeated)} records")
     wrong = differences(recorded, repeated)

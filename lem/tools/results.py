@@ -199,7 +199,8 @@ def plot(runs, path, x_axis="epoch"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m lem.tools.results", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="*", help="folders to search for runs (default: <checkout>/*/results)")
     p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     p.add_argument("--plot", metavar="FILE", help="save the learning curves of the runs found to FILE (.png, .pdf, .svg)")
@@ -207,11 +208,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.dirs:
         folders = args.dirs
+        missing = [folder for folder in folders if not Path(folder).is_dir()]
+        if missing:
+            p.exit(2, f"{p.prog}: no such folder: {', '.join(map(str, missing))}\n")
     else:
         try:
             folders = sorted(checkout.required_root().glob("*/results"))
         except checkout.NotACheckout as e:
-            p.exit(2, f"{e}, or name the folders of runs to read\n")
+            p.exit(2, f"{p.prog}: {e}, or name the folders of runs to read\n")
     runs = load_runs(folders)
     if not runs:
         print("no runs found under " + (", ".join(map(str, folders)) or "<checkout>/*/results: no experiment has run yet"))
