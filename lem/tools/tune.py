@@ -35,6 +35,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import optuna
+except ImportError as e:  # an optional dependency of the experiments, not of the layer
+    raise ImportError("python -m lem.tools.tune needs optuna: pip install optuna (see requirements.txt)") from e
+
 from .. import atomic, checkout
 from ..train import cli, loop, rundir
 from . import experiments
@@ -51,19 +56,23 @@ def parse_arguments(argv):
     p.add_argument("--trials", type=cli.at_least(1), required=True, help="trials of the study in all (every worker)")
     p.add_argument("--trial-epochs", type=cli.at_least(1), default=None,
                    help="--epochs of each trial (default: the run's --epochs); --seeds re-runs use the run's")
-    p.add_argument("--storage", default=None, help="an Optuna storage URL, or journal:FILE (default: SQLite in the study folder)")
+    p.add_argument("--storage", default=None,
+                   help="an Optuna storage URL, or journal:FILE (default: SQLite in the study folder)")
     p.add_argument("--study-name", default=None, help="default: <experiment>-<model>")
     p.add_argument("--out-dir", default=None, help="where study folders go (default: <experiment>/tune)")
     p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
-    p.add_argument("--warmup-epochs", type=cli.at_least(0), default=5, help="median pruner: epochs before a trial may be pruned")
+    p.add_argument("--warmup-epochs", type=cli.at_least(0), default=5,
+                   help="median pruner: epochs before a trial may be pruned")
     p.add_argument("--startup-trials", type=cli.at_least(0), default=5, help="median pruner: trials never pruned")
-    p.add_argument("--sampler-seed", type=int, default=None, help="seed of the TPE sampler (one worker: a reproducible study)")
+    p.add_argument("--sampler-seed", type=int, default=None,
+                   help="seed of the TPE sampler (one worker: a reproducible study)")
     p.add_argument("--nhid-choices", type=cli.at_least(1), nargs="+", default=None,
                    help="search --nhid among these (default: fixed, so parameter budgets stay comparable)")
     p.add_argument("--resume", action="store_true", help="also continue the trials that killed workers left running")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="after the study, one run of its best configuration per seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="after the study, one run of its best configuration per seed")
     opts, flags = p.parse_known_args(argv)
-    passed = [f for f in flags if f.split("=")[0] in TOOL_FLAGS_NOT_PASSED]
+    passed = [f for f in flags if f.split("=")[0].replace("_", "-") in TOOL_FLAGS_NOT_PASSED]
     if passed:
         p.error(f"{', '.join(passed)}: the tool sets this for every run")
     return opts, flags
@@ -111,8 +120,6 @@ def study_folder(opts, root):
 
 def make_storage(url, folder):
     """The Optuna storage a --storage value names (default: SQLite in the study folder)."""
-    import optuna
-
     if url is None:
         url = f"sqlite:///{folder / 'study.db'}"
     if url.startswith("journal:"):
@@ -123,8 +130,6 @@ def make_storage(url, folder):
 
 
 def make_pruner(opts):
-    import optuna
-
     if opts.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=opts.startup_trials, n_warmup_steps=opts.warmup_epochs)
     if opts.pruner == "hyperband":
@@ -141,8 +146,6 @@ def settings(s):
 
 def open_study(s):
     """Create the study, or join it (the same settings) when it exists."""
-    import optuna
-
     name = s.opts.study_name or f"{s.opts.experiment}-{s.opts.model}"
     with folder_lock(s.folder / "ask.lock"):
         s.study = optuna.create_study(
@@ -181,22 +184,33 @@ def claim_trial(s, number):
 
 def stale_trials(s):
     """Trials left RUNNING by killed workers whose folders this machine sees: each (trial, lock)."""
-    import optuna
-
     taken = []
     for t in s.study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         if not s.trial_folder(t.number).is_dir():
             continue  # a worker elsewhere, whose folders this machine does not see
         fd = claim_trial(s, t.number)
         if fd is not None:
-            taken.append((optuna.trial.Trial(s.study, t._trial_id), fd))
+            taken.append((optuna.trial.Trial(s.study, t._trial_id), fd))  # the same trial, continued here
     return taken
+
+
+def abandoned(s):
+    """The numbers of the trials that stale_trials would take over, left alone."""
+    return [t.number for t in s.study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
+            if s.trial_folder(t.number).is_dir() and not locked(s.trial_folder(t.number) / "trial.lock")]
+
+
+def locked(path):
+    """Whether a live process holds the lock file path."""
+    try:
+        os.close(rundir.lock(path))
+        return False
+    except BlockingIOError:
+        return True
 
 
 def next_trial(s):
     """A new trial and its folder's lock, or None once the study holds --trials trials."""
-    import optuna
-
     with folder_lock(s.folder / "ask.lock"):
         if len(s.study.get_trials(deepcopy=False)) >= s.opts.trials:
             return None
@@ -207,7 +221,8 @@ def next_trial(s):
             return None
         fd = claim_trial(s, trial.number)
         if fd is None:
-            raise SystemExit(f"{s.trial_folder(trial.number)} is held by another process: is an old study's worker still running there?")
+            raise SystemExit(f"{s.trial_folder(trial.number)} is held by another process: is the worker of an "
+                             f"older study of that folder still running?")
         return trial, fd
 
 
@@ -310,8 +325,6 @@ def run_trial(s, trial, fd):
 
 
 def tell(s, trial, folder, summary, stopped):
-    import optuna
-
     status = summary["status"] if summary else None
     if status == "interrupted":
         raise SystemExit(f"stopped; trial {trial.number} stays RUNNING: continue the study with --resume")
@@ -330,24 +343,13 @@ def tell(s, trial, folder, summary, stopped):
 
 def work(s):
     """Run trials until the study holds --trials of them; with --resume first the stale ones."""
-    for trial, fd in stale_trials(s) if s.opts.resume else []:
-        run_trial(s, trial, fd)
-    if not s.opts.resume:
-        left = [t.number for t in s.study.get_trials(deepcopy=False) if t.state.name == "RUNNING"
-                and s.trial_folder(t.number).is_dir() and not locked(s.trial_folder(t.number) / "trial.lock")]
-        if left:
-            print(f"trials {left} were left running by a killed worker: --resume continues them", file=sys.stderr)
+    if s.opts.resume:
+        for trial, fd in stale_trials(s):
+            run_trial(s, trial, fd)
+    elif left := abandoned(s):
+        print(f"trials {left} were left running by a killed worker: --resume continues them", file=sys.stderr)
     while (claimed := next_trial(s)) is not None:
         run_trial(s, *claimed)
-
-
-def locked(path):
-    """Whether a live process holds the lock file path."""
-    try:
-        os.close(rundir.lock(path))
-        return False
-    except BlockingIOError:
-        return True
 
 
 def trial_record(s, t):
@@ -369,7 +371,8 @@ def write_summary(s):
     best = pick(complete, key=lambda r: r["value"]) if complete else None
     summary = {"study": s.study.study_name, "storage": storage_label(s), **settings(s),
                "direction": "maximize" if s.task_cls.higher_is_better else "minimize",
-               "trials": len(records), "states": states, "finished": len(records) >= s.opts.trials and "RUNNING" not in states,
+               "trials": len(records), "states": states,
+               "finished": len(records) >= s.opts.trials and "RUNNING" not in states,
                "trial_wall_time_s": round(sum(r["wall_time_s"] or 0.0 for r in records), 1),
                "best": best, "trial_list": records}
     atomic.write_json(s.folder / "study.json", summary)
@@ -392,14 +395,13 @@ def save_plots(s):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
     from optuna.visualization import matplotlib as plots
 
     complete = [t for t in s.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     for name, draw, needs in (("history", plots.plot_optimization_history, 1),
                               ("importances", plots.plot_param_importances, 2)):
         if len(complete) < needs or (name == "importances" and len(complete[0].params) < 2):
-            print(f"{name}.png: not drawn ({len(complete)} complete trials, {len(complete[0].params) if complete else 0} parameters)")
+            print(f"{name}.png: not drawn ({len(complete)} complete trials)")
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna.visualization.matplotlib is marked experimental
@@ -450,7 +452,6 @@ def main(argv=None):
     args = cli.parse_args(task_cls, [*flags, "--model", opts.model])
     s = Study(opts, task_cls, flags, args, study_folder(opts, root), root)
     s.folder.mkdir(parents=True, exist_ok=True)
-    import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     open_study(s)
     started = time.time()

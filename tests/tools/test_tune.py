@@ -161,10 +161,11 @@ def test_given_flags_are_not_searched_and_a_joined_study_keeps_its_settings(tmp_
 
 def test_tuned_reruns_sit_beside_default_runs_in_results(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
-    study_args = ["fitzhugh_nagumo", "--model", "lstm", "--trials", "2", "--trial-epochs", "2", *TINY_FHN,
-                  "--epochs", "3", "--out-dir", str(tmp_path / "tune"), "--data-dir", str(data_dir)]
+    study_args = ["fitzhugh_nagumo", "--model", "lstm", "--trials", "2", "--trial-epochs", "2", "--pruner", "hyperband",
+                  *TINY_FHN, "--epochs", "3", "--out-dir", str(tmp_path / "tune"), "--data-dir", str(data_dir)]
     tune.main([*study_args, "--seeds", "7", "8"])
-    default = ["--model", "lstm", *TINY_FHN, "--epochs", "3", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "results")]
+    default = ["--model", "lstm", *TINY_FHN, "--epochs", "3", "--data-dir", str(data_dir),
+               "--out-dir", str(tmp_path / "results")]
     from fitzhugh_nagumo.train import FitzHughNagumo
     for seed in ("7", "8"):
         tune.train(FitzHughNagumo, [*default, "--seed", seed], tmp_path / "results")
@@ -176,9 +177,8 @@ def test_tuned_reruns_sit_beside_default_runs_in_results(tmp_path, data_dir, mon
     header, _, *body = [[c.strip() for c in line[1:-1].split("|")] for line in capsys.readouterr().out.strip().splitlines()]
     rows = [dict(zip(header, row)) for row in body]
     assert len(rows) == 2 and [r["seeds"] for r in rows] == ["2", "2"]
-    assert sorted(r["tuned"] for r in rows) == ["-", "fitzhugh_nagumo-lstm, trial "
-                                                + str(json.loads((tmp_path / "tune" / "lstm" / "study.json").read_text())["best"]["number"])
-                                                + " of 2"]
+    best_trial = json.loads((tmp_path / "tune" / "lstm" / "study.json").read_text())["best"]["number"]
+    assert sorted(r["tuned"] for r in rows) == ["-", f"fitzhugh_nagumo-lstm, trial {best_trial} of 2"]
     results.main([str(tmp_path), "--trials"])
     assert capsys.readouterr().out.count("\nfitzhugh_nagumo") == 4
 
