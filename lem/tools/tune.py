@@ -2,7 +2,7 @@
 
     python -m lem.tools.tune EXPERIMENT --model lem|lstm|gru --trials N [--trial-epochs E]
         [--storage URL] [--study-name NAME] [--pruner median|hyperband|none] [--resume]
-        [--seeds S1 S2 S3] [train.py flags ...]
+        [--seeds S1 S2 S3] [--report] [train.py flags ...]
 
 The experiment's Task declares what is searched (Task.search_space) and on which split
 (Task.tune_split, validation: never the test split unless the experiment says why). Every trial
@@ -69,6 +69,8 @@ def parse_arguments(argv):
     p.add_argument("--nhid-choices", type=cli.at_least(1), nargs="+", default=None,
                    help="search --nhid among these (default: fixed, so parameter budgets stay comparable)")
     p.add_argument("--resume", action="store_true", help="also continue the trials that killed workers left running")
+    p.add_argument("--report", action="store_true",
+                   help="only write study.json and the plots of the study as it stands (trials left running included)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="after the study, one run of its best configuration per seed")
     opts, flags = p.parse_known_args(argv)
@@ -455,12 +457,13 @@ def main(argv=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     open_study(s)
     started = time.time()
-    work(s)
+    if not opts.report:
+        work(s)
     summary = write_summary(s)
     save_plots(s)
     print(f"study {s.study.study_name}: {summary['trials']} trials {summary['states']} in {s.folder} "
           f"(this worker: {time.time() - started:.0f} s); best: {summary['best']}")
-    if opts.seeds:
+    if opts.seeds and not opts.report:
         rerun_best(s, summary)
 
 

@@ -54,7 +54,7 @@ def wait_for(condition, proc, what, timeout=300):
         time.sleep(0.02)
 
 
-def test_study_killed_mid_trial_resumes_that_trial_and_runs_none_twice(tmp_path, data_dir):
+def test_study_killed_mid_trial_resumes_that_trial_and_runs_none_twice(tmp_path, data_dir, monkeypatch):
     folder, epochs = tmp_path / "lem", 25
     command = tune_command(tmp_path, data_dir, "--trials", 3, "--epochs", epochs, "--pruner", "none", "--sampler-seed", 0)
     proc = start(command, tmp_path / "first.log")
@@ -66,6 +66,11 @@ def test_study_killed_mid_trial_resumes_that_trial_and_runs_none_twice(tmp_path,
     assert before[0].state.name == "COMPLETE" and before[1].state.name == "RUNNING" and 2 not in before
     trial_0_log = (folder / "trial_0" / "log.jsonl").read_text()
     killed_at = len(epochs_logged(folder / "trial_1"))
+    monkeypatch.chdir(REPO)
+    tune.main([*command[3:], "--report"])  # the study as it stands, nothing run
+    report = json.loads((folder / "study.json").read_text())
+    assert report["states"] == {"COMPLETE": 1, "RUNNING": 1} and not report["finished"]
+    assert len(load_study(folder).get_trials()) == 2
 
     out = finish(start(command, tmp_path / "plain.log"), tmp_path / "plain.log")
     assert "--resume continues them" in out and "trial 1" not in out.replace("trials [1]", "")
