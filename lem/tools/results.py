@@ -54,13 +54,16 @@ def is_trial(run):
 def summarise(runs, trials=False):
     """One row per group of runs that differ only by seed (and run-only flags such as the backend);
     tuned runs apart from the others; the trials of tuning studies only when trials is on."""
+    runs = [run for run in runs if trials or not is_trial(run)]
     groups = {}
     for run in runs:
-        if trials or not is_trial(run):
-            experiment, hyper = group_key(run)
-            groups.setdefault((experiment, json.dumps([hyper, tuned_by(run)])), []).append(run)
+        experiment, hyper = group_key(run)
+        groups.setdefault((experiment, json.dumps([hyper, tuned_by(run)])), []).append(run)
     rows = []
-    for (experiment, _), members in sorted(groups.items(), key=lambda g: (g[0][0], model_order(g[1][0]), natural(g[0][1]))):
+    def order(group):  # by experiment, model, then given settings before tuned ones
+        (experiment, key), members = group
+        return experiment, model_order(members[0]), tuned_by(members[0]) is not None, natural(key)
+    for (experiment, _), members in sorted(groups.items(), key=order):
         first = members[0]
         values = [m["summary"]["test"] for m in members if m["summary"].get("test") is not None]
         statuses = sorted({m["summary"]["status"] for m in members})
