@@ -8,6 +8,11 @@ A fresh training batch every iteration; every 100 iterations ("an epoch" in the 
 MSE on 1000 held-out samples. The run ends after --max-iter iterations, or after --epochs such
 evaluations if that comes first. The test samples are drawn once (from seed + 1) so every point
 of the curve is measured on the same set; the reference drew 1000 new ones each time.
+
+Tuning (python -m lem.tools.tune adding, docs/tuning.md) selects on this eval set, as the task has
+no other: it is 1000 fresh samples like any training batch, and the tuned figure comes from the
+--seeds re-runs, whose eval sets (from their own seed + 1) the study never saw; the tool refuses
+--seeds that repeat the study's seed.
 """
 import sys
 from pathlib import Path
@@ -35,7 +40,18 @@ class Adding(lem.train.Task):
     defaults = dict(nhid=128, batch=50, lr=0.0026, dt=0.0242, seed=5544, epochs=None)
     epoch = f"{EVAL_EVERY} iterations; None: as many as --max-iter makes"
     eval_splits = ("test",)
+    tune_split = "test"  # see the module docstring
     input_size, output_size = 2, 1
+
+    @staticmethod
+    def search_space(trial, model):
+        """python -m lem.tools.tune's search: lr log-uniform around the paper's 0.0026, batch 25-100,
+        LEM's Δt log-uniform around the paper's 0.0242; no clip (the paper has none)."""
+        space = {"lr": trial.suggest_float("lr", 5e-4, 1e-2, log=True),
+                 "batch": trial.suggest_categorical("batch", [25, 50, 100])}
+        if model == "lem":
+            space["dt"] = trial.suggest_float("dt", 0.005, 0.1, log=True)
+        return space
 
     @staticmethod
     def add_arguments(parser):

@@ -4,6 +4,8 @@ Finds every summary.json under the given folders (default: every experiment's re
 groups the runs that differ only by seed, and prints experiment, model, number of seeds,
 the test metric (at the best validation point) as mean ± std, and the paper's figure.
 --markdown prints the table in Markdown; --plot FILE draws every run's learning curve.
+Runs of a tuned configuration (python -m lem.tools.tune --seeds, docs/tuning.md) get their own
+rows, marked in a "tuned" column; the trials of a study are left out unless --trials.
 """
 import argparse
 import json
@@ -58,13 +60,35 @@ def group_key(run):
     return run["summary"]["experiment"], json.dumps(hyper, sort_keys=True)
 
 
-def summarise(runs):
-    """One row per group of runs that differ only by seed (and run-only flags such as the backend)."""
+def tuned_by(run):
+    """The study whose best configuration the run re-runs (its tuned.json), e.g. "fitzhugh_nagumo-lem,
+    trial 7 of 20"; None for a run of given settings."""
+    file = Path(run["folder"]) / "tuned.json"
+    if not file.exists():
+        return None
+    tuned = json.loads(file.read_text())
+    return f"{tuned['study']}, trial {tuned['trial']} of {tuned['trials']}"
+
+
+def is_trial(run):
+    """A trial of a tuning study: <study folder>/trial_<n> beside the study's study.json."""
+    folder = Path(run["folder"])
+    return re.fullmatch(r"trial_\d+", folder.name) is not None and (folder.parent / "study.json").exists()
+
+
+def summarise(runs, trials=False):
+    """One row per group of runs that differ only by seed (and run-only flags such as the backend);
+    tuned runs apart from the others; the trials of tuning studies only when trials is on."""
+    runs = [run for run in runs if trials or not is_trial(run)]
     groups = {}
     for run in runs:
-        groups.setdefault(group_key(run), []).append(run)
+        experiment, hyper = group_key(run)
+        groups.setdefault((experiment, json.dumps([hyper, tuned_by(run)])), []).append(run)
     rows = []
-    for (experiment, _), members in sorted(groups.items(), key=lambda g: (g[0][0], model_order(g[1][0]), natural(g[0][1]))):
+    def order(group):  # by experiment, model, then given settings before tuned ones
+        (experiment, key), members = group
+        return experiment, model_order(members[0]), tuned_by(members[0]) is not None, natural(key)
+    for (experiment, _), members in sorted(groups.items(), key=order):
         first = members[0]
         values = [m["summary"]["test"] for m in members if m["summary"].get("test") is not None]
         statuses = sorted({m["summary"]["status"] for m in members})
@@ -76,6 +100,7 @@ def summarise(runs):
             "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
             "paper": first["summary"].get("paper"), "status": ",".join(statuses),
             "wall_time_s": statistics.fmean(m["summary"].get("wall_time_s") or 0.0 for m in members),
+            "tuned": tuned_by(first),
         })
     return rows
 
@@ -100,7 +125,12 @@ def distinct_setting(run, experiment_runs):
         for k in set(run["args"]) | set(other["args"]):
             if k not in NOT_HYPERPARAMETERS | {"model", "nhid"} and run["args"].get(k) != other["args"].get(k):
                 varying.add(k)
-    return " ".join(f"{k}={run['args'].get(k)}" for k in sorted(varying))
+    return " ".join(f"{k}={format_setting(run['args'].get(k))}" for k in sorted(varying))
+
+
+def format_setting(value):
+    """A flag's value as the setting column shows it: a searched float to 4 digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def format_value(mean, std):
@@ -119,6 +149,10 @@ def table_cells(rows):
     body = [[r["experiment"], r["model"], str(r["nhid"]), r["setting"] or "-", str(r["seeds"]), r["metric"],
              format_value(r["mean"], r["std"]), "-" if r["paper"] is None else str(r["paper"]),
              format_duration(r["wall_time_s"]), r["status"]] for r in rows]
+    if any(r.get("tuned") for r in rows):  # the column appears once a tuned run is among the rows
+        header.insert(4, "tuned")
+        for cells, r in zip(body, rows):
+            cells.insert(4, r.get("tuned") or "-")
     return header, body
 
 
@@ -204,6 +238,7 @@ def main(argv=None):
     p.add_argument("dirs", nargs="*", help="folders to search for runs (default: <checkout>/*/results)")
     p.add_argument("--markdown", action="store_true", help="print the table in Markdown")
     p.add_argument("--plot", metavar="FILE", help="save the learning curves of the runs found to FILE (.png, .pdf, .svg)")
+    p.add_argument("--trials", action="store_true", help="list the trials of tuning studies too (docs/tuning.md)")
     p.add_argument("--x-axis", dest="x_axis", choices=["epoch", "step"], default="epoch", help="x axis of --plot")
     args = p.parse_args(argv)
     if args.dirs:
@@ -220,7 +255,7 @@ def main(argv=None):
     if not runs:
         print("no runs found under " + (", ".join(map(str, folders)) or "<checkout>/*/results: no experiment has run yet"))
         return
-    rows = summarise(runs)
+    rows = summarise(runs, args.trials)
     print(format_markdown(rows) if args.markdown else format_table(rows))
     if args.plot:
         plot(runs, args.plot, args.x_axis)

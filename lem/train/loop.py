@@ -222,8 +222,9 @@ def restore(out, args, device, model, optimizer, task):
 @dataclass
 class Training:
     """One run in progress: what fit's steps share. `state` is what a checkpoint keeps of the loop
-    (epoch, batch, step, elapsed, best, history); status: finished, interrupted or nan; signum: the
-    signal that interrupted it, if one did."""
+    (epoch, batch, step, elapsed, best, history); status: finished, interrupted, nan, or what
+    Task.after_evaluation returned to end the run (pruned); signum: the signal that interrupted it,
+    if one did."""
     task: object
     out: rundir.Run
     args: object
@@ -337,7 +338,7 @@ def close_epoch(run):
     """Evaluate, select on validation, checkpoint and log the epoch just trained."""
     task, state = run.task, run.state
     metrics = evaluate(task, run.model)
-    task.after_evaluation(state["epoch"] + 1, metrics)
+    stop = task.after_evaluation(state["epoch"] + 1, metrics)
     state["elapsed"] = run.elapsed()
     record = {"epoch": state["epoch"] + 1, "step": state["step"], "lr": run.optimizer.param_groups[0]["lr"],
               "time_s": round(state["elapsed"], 2), **metrics}
@@ -351,6 +352,8 @@ def close_epoch(run):
     run.out.write_summary(state, "running", run.config)
     if run.main:
         print(rundir.format_record(record), flush=True)
+    if stop:
+        run.status = stop  # e.g. "pruned" by lem.tools.tune: the run ends here, its epoch kept
 
 
 def finish(run):

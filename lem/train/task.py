@@ -29,6 +29,8 @@ class Task:
     input_size = None         # the model's features per step (set in __init__ when the data decides)
     output_size = None        # the head's outputs
     head = "last"             # RNNModel's head: 'last' (y_T) or 'every' (y_n at every step)
+    tune_split = "valid"      # the split python -m lem.tools.tune selects on (docs/tuning.md); never
+                              # "test" unless the experiment's docstring says why that is sound
 
     @staticmethod
     def add_arguments(parser):
@@ -40,6 +42,22 @@ class Task:
         flags before anything is allocated: {what, naming its flags: bytes}. The harness stops a run
         that needs more than its device has free. {}: not estimated."""
         return {}
+
+    @classmethod
+    def search_space(cls, trial, model):
+        """What python -m lem.tools.tune searches for `model`: {flag dest: value}, each value drawn
+        with trial.suggest_* (docs/tuning.md). Default: lr log-uniform within 5x of the paper's;
+        for LEM, Δt log-uniform from a tenth to twice the paper's; batch half, same or double the
+        paper's; where the paper clips, the clip log-uniform within 5x of its value."""
+        from .cli import COMMON_DEFAULTS
+        d = {**COMMON_DEFAULTS, **cls.defaults}
+        space = {"lr": trial.suggest_float("lr", d["lr"] / 5, d["lr"] * 5, log=True),
+                 "batch": trial.suggest_categorical("batch", sorted({max(1, d["batch"] // 2), d["batch"], 2 * d["batch"]}))}
+        if model == "lem":
+            space["dt"] = trial.suggest_float("dt", d["dt"] / 10, d["dt"] * 2, log=True)
+        if d["grad_norm"]:
+            space["grad_norm"] = trial.suggest_float("grad_norm", d["grad_norm"] / 5, d["grad_norm"] * 5, log=True)
+        return space
 
     def __init__(self, args, device):
         """Read the data (a DataError says what is missing or corrupt). args: the parsed flags."""
@@ -95,7 +113,8 @@ class Task:
         """Called after every optimizer step (e.g. to update a weight average)."""
 
     def after_evaluation(self, epoch, metrics):
-        """Called after the evaluation that closes epoch `epoch` (1-based), before the checkpoint."""
+        """Called after the evaluation that closes epoch `epoch` (1-based), before the checkpoint.
+        May return a status (e.g. "pruned") that ends the run once this epoch is saved and logged."""
 
     def state_dict(self):
         """Task state a checkpoint must keep beyond model, optimizer and RNGs."""
