@@ -90,7 +90,7 @@ def steps(dry, tmp):
                 ("tests", [*tests, "-k", "matches_reference and case0 or falls_to_the_next"], ("pytest",)),
                 ("bench", [*py, "-c", DRY_BENCH.format(m=bench_module()), "kernels", "--devices", "cpu",
                            "--configs", "tiny", "--repeats", "1", "--budget", "1"], ()),
-                ("fhn", [*fhn, "--epochs", "1", "--device", "cpu", "--backend", "onchip", "--n-train", "4",
+                ("fhn", [*fhn, "--epochs", "1", "--device", "cpu", "--backend", "reference", "--n-train", "4",
                          "--n-valid", "4", "--n-test", "4"], ("scipy",))]
     return [("nvidia-smi", ["nvidia-smi", "--query-gpu=name,compute_cap,memory.total,driver_version,clocks.max.sm",
                             "--format=csv"], ()),
