@@ -151,6 +151,22 @@ template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + exp_(-x)); }
 inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
 inline double tanh_(double x) { return std::tanh(x); }
 
+// float32 rounded to bfloat16 (to nearest even; a NaN stays a NaN) and back, in integer arithmetic
+// that the loops vectorise (ATen's dtype-converting copy_ took ~1 ms per (128, 1024) step here)
+inline c10::BFloat16 round_to_low(float v, c10::BFloat16*) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16((u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded), c10::BFloat16::from_bits());
+}
+inline c10::Half round_to_low(float v, c10::Half*) { return c10::Half(v); }
+inline float widen(c10::BFloat16 v) { return __builtin_bit_cast(float, uint32_t(v.x) << 16); }
+inline float widen(c10::Half v) { return static_cast<float>(v); }
+template <typename T> inline T widen(T v) { return v; }
+// v in the products' dtype P (the loop's own: v itself)
+template <typename P, typename T> inline P to_products(T v) {
+  if constexpr (std::is_same_v<P, T>) return v; else return round_to_low(v, static_cast<P*>(nullptr));
+}
+
 // Calls f(b0, full) for blocks of RB rows (full) and then the leftover single rows.
 template <int RB, typename F> inline void for_row_blocks(int64_t B, int64_t work_per_row, const F& f) {
   const int64_t blocks = B / RB, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1));
@@ -325,24 +341,24 @@ inline void fwd_y(const T* __restrict u, const T* __restrict h, const T* __restr
 
 // g_y: dL/dy_n (in), becomes the leak part of dL/dy_{n-1}; writes the y parts of the row's d u_proj
 // (gate y at 0, cand y at 2H, which is also d transform_z-output).
-template <typename T>
-inline void bwd_y(const T* __restrict act, const T* __restrict yp, T* __restrict g_y, T* __restrict dU, int64_t H, T dt) {
+template <typename T, typename P>
+inline void bwd_y(const T* __restrict act, const T* __restrict yp, T* __restrict g_y, P* __restrict dU, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
     const T s = act[j], c = act[2 * H + j], g = g_y[j];
-    dU[j] = g * (c - yp[j]) * dt * s * (T(1) - s);
-    dU[2 * H + j] = g * dt * s * (T(1) - c * c);
+    dU[j] = to_products<P>(g * (c - yp[j]) * dt * s * (T(1) - s));
+    dU[2 * H + j] = to_products<P>(g * dt * s * (T(1) - c * c));
     g_y[j] = g * (T(1) - dt * s);
   }
 }
 
 // g_z: dL/dz_n (in, already including Wy^T dq), becomes dL/dz_{n-1}; writes the z parts (gate z at H,
 // cand z at 3H).
-template <typename T>
-inline void bwd_z(const T* __restrict act, const T* __restrict zp, T* __restrict g_z, T* __restrict dU, int64_t H, T dt) {
+template <typename T, typename P>
+inline void bwd_z(const T* __restrict act, const T* __restrict zp, T* __restrict g_z, P* __restrict dU, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
     const T s = act[H + j], c = act[3 * H + j], g = g_z[j];
-    dU[H + j] = g * (c - zp[j]) * dt * s * (T(1) - s);
-    dU[3 * H + j] = g * dt * s * (T(1) - c * c);
+    dU[H + j] = to_products<P>(g * (c - zp[j]) * dt * s * (T(1) - s));
+    dU[3 * H + j] = to_products<P>(g * dt * s * (T(1) - c * c));
     g_z[j] = g * (T(1) - dt * s);
   }
 }
@@ -465,17 +481,6 @@ at::Tensor first_rows(const at::Tensor& t, int64_t n) { return n == t.size(0) ? 
 
 bool is_low(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// float32 rounded to bfloat16 (to nearest even; a NaN stays a NaN) and back, in integer arithmetic
-// that the loops vectorise (ATen's dtype-converting copy_ took ~1 ms per (128, 1024) step here)
-inline c10::BFloat16 round_to_low(float v, c10::BFloat16*) {
-  const uint32_t u = __builtin_bit_cast(uint32_t, v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return c10::BFloat16((u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded), c10::BFloat16::from_bits());
-}
-inline c10::Half round_to_low(float v, c10::Half*) { return c10::Half(v); }
-inline float widen(c10::BFloat16 v) { return __builtin_bit_cast(float, uint32_t(v.x) << 16); }
-inline float widen(c10::Half v) { return static_cast<float>(v); }
-
 // out = a · w (add: out += a · w) for out in the loop's dtype and w (K, N) in the products' dtype. Where
 // that is the loop's own, one at::mm_out / addmm_. Under mixed precision (w in bfloat16 or float16, the
 // loop in float32) a is rounded into a scratch buffer of w's dtype, unless it is in it already, and the
@@ -588,15 +593,18 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::
 // The backward's pointers. g_y, g_z (B, H) enter as 0 and dL/dz_T and leave as dL/dy_0, dL/dz_0;
 // dU = d u_proj (T, B, 4H) is written row by row, and its rows are summed over T into db (B, 4H) while
 // they are in cache (the bias gradients are the column sums of dU).
-template <typename T> struct Backward {
+// Under mixed precision (the GEMM strategy) dU is in the products' dtype P.
+template <typename T, typename P = T> struct Backward {
   const T *grad_ys, *acts, *y0, *ys, *z0, *zs, *mask;
   const int64_t* len;  // per-row lengths, or null
   T dt;
-  T *g_y, *g_z, *dU, *db;
+  T *g_y, *g_z;
+  P* dU;
+  T* db;
 };
 
-template <typename T> inline void add_to(T* __restrict acc, const T* __restrict v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += v[i];
+template <typename T, typename P> inline void add_to(T* __restrict acc, const P* __restrict v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += widen(v[i]);
 }
 
 // whh4 (4H, H): W_hh with a zero block where a d u_proj row has its cand-y column, so dU rows go in as they are
@@ -650,9 +658,10 @@ void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
 
 // With lengths, the rows from live[n] on have ended at step n: the GEMMs skip them, and their rows of
 // dym stay zero (from the start of the reverse loop to step n they have been frozen all along).
-template <typename T, bool LEN>
-void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
+template <typename T, typename P, bool LEN>
+void backward_gemm(Sizes s, const Backward<T, P>& g, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
+  const auto p_opt = opt.dtype(c10::CppTypeToScalarType<P>::value);
   at::Tensor dzy = at::empty({B, H}, opt), dym = at::zeros({B, H}, opt);
   Product from_y(w_tz, B), gates_to_y(w_hh.narrow(0, 0, 2 * H), B), cand_z_to_y(w_hh.narrow(0, 2 * H, H), B);
   T *dzyp = dzy.data_ptr<T>(), *dymp = dym.data_ptr<T>();
@@ -661,7 +670,7 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
     const int64_t r0 = n * B, Bn = LEN ? live[n] : B;
     const T* yp = n ? g.ys + (n - 1) * B * H : g.y0;  // y_{n-1}, z_{n-1}
     const T* zp = n ? g.zs + (n - 1) * B * H : g.z0;
-    T* dU = g.dU + r0 * 4 * H;
+    P* dU = g.dU + r0 * 4 * H;
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         T* gy = g.g_y + b * H;
@@ -669,12 +678,12 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
         const T* dymb = dymp + b * H;
         if (g.mask) for (int64_t j = 0; j < H; ++j) gy[j] += grad[j] + dymb[j] * g.mask[b * H + j];
         else for (int64_t j = 0; j < H; ++j) gy[j] += grad[j] + dymb[j];
-        if (LEN && n >= g.len[b]) std::fill(dU + b * 4 * H, dU + (b + 1) * 4 * H, T(0));  // frozen row
+        if (LEN && n >= g.len[b]) std::fill(dU + b * 4 * H, dU + (b + 1) * 4 * H, P(0.0f));  // frozen row
         else bwd_y(g.acts + (r0 + b) * 4 * H, yp + b * H, gy, dU + b * 4 * H, H, g.dt);
       }
     });
     at::Tensor dzy_rows = first_rows(dzy, Bn), dym_rows = first_rows(dym, Bn);
-    if (Bn) from_y(dzy_rows, at::from_blob(dU + 2 * H, {Bn, H}, {4 * H, 1}, opt));
+    if (Bn) from_y(dzy_rows, at::from_blob(dU + 2 * H, {Bn, H}, {4 * H, 1}, p_opt));
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= g.len[b]) continue;  // z_n = z_{n-1}: dL/dz_n goes on unchanged
@@ -686,13 +695,21 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
     });
     // [gate y, gate z] and cand z of this step's d u_proj rows (strided views) into W_hh
     if (!Bn) continue;
-    gates_to_y(dym_rows, at::from_blob(dU, {Bn, 2 * H}, {4 * H, 1}, opt));
-    cand_z_to_y(dym_rows, at::from_blob(dU + 3 * H, {Bn, H}, {4 * H, 1}, opt), true);
+    gates_to_y(dym_rows, at::from_blob(dU, {Bn, 2 * H}, {4 * H, 1}, p_opt));
+    cand_z_to_y(dym_rows, at::from_blob(dU + 3 * H, {Bn, H}, {4 * H, 1}, p_opt), true);
   }
   for (int64_t i = 0; i < B * H; ++i) g.g_y[i] += g.mask ? dymp[i] * g.mask[i] : dymp[i];
 }
 
 // The state-dropout mask in the loop's dtype, or an undefined tensor
+// backward_gemm with d u_proj in the products' dtype P (mixed precision: float32 loops only)
+template <typename T, typename P, bool LEN>
+void backward_gemm_low(Sizes s, const Backward<T, P>& g, const at::Tensor& w_hh, const at::Tensor& w_tz,
+                       const at::TensorOptions& opt) {
+  if constexpr (std::is_same_v<T, float>) backward_gemm<T, P, LEN>(s, g, w_hh, w_tz, opt);
+  else TORCH_CHECK(false, "lem_cpu: mixed precision runs float32 loops");
+}
+
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask, const at::TensorOptions& opt) {
   return mask.has_value() && mask->defined() ? mask->to(opt).contiguous() : at::Tensor();
 }
@@ -873,22 +890,31 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
   at::Tensor g_y = at::zeros({B, H}, opt);
   at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->to(opt).contiguous().clone() : at::zeros({B, H}, opt);
   // the loop writes every gradient of u_proj straight into its place: [gate y, gate z, cand y (dQ), cand z]
-  at::Tensor d_u = empty_large({T, B, 4 * H}, opt), db_rows = at::zeros({B, 4 * H}, opt);
+  // (in the products' dtype under mixed precision with the GEMM strategy, which takes it as it is)
+  at::Tensor d_u = empty_large({T, B, 4 * H}, mixed && !rowwise ? opt.dtype(*gemm) : opt);
+  at::Tensor db_rows = at::zeros({B, 4 * H}, opt);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lem_backward", [&] {
     using T_ = scalar_t;
-    const Backward<T_> g{grad_ys.data_ptr<T_>(), acts.data_ptr<T_>(), y0.data_ptr<T_>(), ys.data_ptr<T_>(),
-                         z0.data_ptr<T_>(), zs.data_ptr<T_>(), ptr_or_null<T_>(mask), ptr_or_null<int64_t>(len),
-                         static_cast<T_>(dt), g_y.data_ptr<T_>(), g_z.data_ptr<T_>(), d_u.data_ptr<T_>(),
-                         db_rows.data_ptr<T_>()};
+    auto pointers = [&](auto* dU) {
+      return Backward<T_, std::remove_pointer_t<decltype(dU)>>{
+          grad_ys.data_ptr<T_>(), acts.data_ptr<T_>(), y0.data_ptr<T_>(), ys.data_ptr<T_>(), z0.data_ptr<T_>(),
+          zs.data_ptr<T_>(), ptr_or_null<T_>(mask), ptr_or_null<int64_t>(len), static_cast<T_>(dt),
+          g_y.data_ptr<T_>(), g_z.data_ptr<T_>(), dU, db_rows.data_ptr<T_>()};
+    };
     with_lengths(len, [&](auto has_len) {
       constexpr bool LEN = decltype(has_len)::value;
       if (rowwise) {
         const at::Tensor whh4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
         with_fixed_h(H, [&](auto hc) {
-          backward_rows<T_, decltype(hc)::value, LEN>(s, g, whh4.data_ptr<T_>(), w_tz.data_ptr<T_>());
+          backward_rows<T_, decltype(hc)::value, LEN>(s, pointers(d_u.data_ptr<T_>()), whh4.data_ptr<T_>(),
+                                                      w_tz.data_ptr<T_>());
         });
+      } else if (d_u.scalar_type() == at::kBFloat16) {
+        backward_gemm_low<T_, c10::BFloat16, LEN>(s, pointers(d_u.data_ptr<c10::BFloat16>()), w_hh, w_tz, opt);
+      } else if (d_u.scalar_type() == at::kHalf) {
+        backward_gemm_low<T_, c10::Half, LEN>(s, pointers(d_u.data_ptr<c10::Half>()), w_hh, w_tz, opt);
       } else {
-        backward_gemm<T_, LEN>(s, g, w_hh, w_tz, opt);
+        backward_gemm<T_, T_, LEN>(s, pointers(d_u.data_ptr<T_>()), w_hh, w_tz, opt);
       }
     });
   });
