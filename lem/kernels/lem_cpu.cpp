@@ -314,12 +314,13 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, T* __restr
 // the chunk order of u_proj (4H, SPEC §1: both linears' biases add up); act: the row's 4H saved
 // activations [σ gate y, σ gate z, tanh cand y, tanh cand z], the same order.
 // Backward needs only these four values per unit, so it does no exp/tanh of its own.
-template <typename T>
-inline void fwd_z(const T* __restrict u, const T* __restrict h, const T* __restrict bias, const T* __restrict zp,
+// (h and q in the products' dtype P: see forward_gemm)
+template <typename T, typename P>
+inline void fwd_z(const T* __restrict u, const P* __restrict h, const T* __restrict bias, const T* __restrict zp,
                   T* __restrict z, T* __restrict act, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {  // z_n = (1 − Δt_n) z_{n-1} + Δt_n tanh(Wz y + Vz u + bz)
-    const T s = sigmoid(u[H + j] + h[H + j] + bias[H + j]);
-    const T c = tanh_(u[3 * H + j] + h[2 * H + j] + bias[3 * H + j]);
+    const T s = sigmoid(u[H + j] + widen(h[H + j]) + bias[H + j]);
+    const T c = tanh_(u[3 * H + j] + widen(h[2 * H + j]) + bias[3 * H + j]);
     z[j] = (T(1) - dt * s) * zp[j] + dt * s * c;
     act[H + j] = s;
     act[3 * H + j] = c;
@@ -327,12 +328,12 @@ inline void fwd_z(const T* __restrict u, const T* __restrict h, const T* __restr
 }
 
 // q: the row's z_n times W_tz^T (H)
-template <typename T>
-inline void fwd_y(const T* __restrict u, const T* __restrict h, const T* __restrict bias, const T* __restrict q,
+template <typename T, typename P>
+inline void fwd_y(const T* __restrict u, const P* __restrict h, const T* __restrict bias, const P* __restrict q,
                   const T* __restrict yp, T* __restrict y, T* __restrict act, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {  // y_n = (1 − Δt̄_n) y_{n-1} + Δt̄_n tanh(Wy z_n + Vy u + by)
-    const T s = sigmoid(u[j] + h[j] + bias[j]);
-    const T c = tanh_(u[2 * H + j] + q[j] + bias[2 * H + j]);
+    const T s = sigmoid(u[j] + widen(h[j]) + bias[j]);
+    const T c = tanh_(u[2 * H + j] + widen(q[j]) + bias[2 * H + j]);
     y[j] = (T(1) - dt * s) * yp[j] + dt * s * c;
     act[j] = s;
     act[2 * H + j] = c;
@@ -535,21 +536,32 @@ class Product {
   int64_t rows_;
 };
 
-// x2 (T·B, I) is x in the products' dtype; w_in_t (I, 4H), w_hh_t (H, 3H), w_tz_t (H, H) the transposed
-// weights in it (see Product).
-template <typename T, bool LEN>
+// out = v ⊙ mask (mask null: v) in the products' dtype: a GEMM input
+template <typename T, typename P> inline void gemm_input(const T* __restrict v, const T* __restrict mask, P* __restrict out, int64_t n) {
+  if (mask) for (int64_t i = 0; i < n; ++i) out[i] = to_products<P>(v[i] * mask[i]);
+  else for (int64_t i = 0; i < n; ++i) out[i] = to_products<P>(v[i]);
+}
+
+// x2 (T·B, I) is x in the products' dtype P; w_in_t (I, 4H), w_hh_t (H, 3H), w_tz_t (H, H) the transposed
+// weights in it. With P = T the products read y_{n-1} (or y_{n-1} ⊙ mask) and z_n where the loop wrote
+// them; under mixed precision the loop also writes both, rounded, into (B, H) buffers of P, and the
+// step's loops read the products' results in P (at::mm writes them in its inputs' dtype).
+template <typename T, typename P, bool LEN>
 void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::Tensor& w_in_t, const at::Tensor& w_hh_t,
                   const at::Tensor& w_tz_t, const at::TensorOptions& opt) {
+  constexpr bool MIXED = !std::is_same_v<T, P>;
   const int64_t Tn = s.T, B = s.B, H = s.H;
   const int64_t steps = std::clamp<int64_t>(std::max(kProjectionBytes / (B * 4 * H * int64_t(sizeof(T))),
                                                      (kProjectionRows + B - 1) / B), 1, Tn);
   const int64_t last_block = (Tn / steps - 1) * steps;  // first step of the last block
+  const auto p_opt = opt.dtype(c10::CppTypeToScalarType<P>::value);
   at::Tensor u_block = at::empty({(Tn - last_block) * B, 4 * H}, opt);
-  at::Tensor h = at::empty({B, 3 * H}, opt), q = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
+  at::Tensor h = at::empty({B, 3 * H}, p_opt), q = at::empty({B, H}, p_opt), ym = at::empty({B, H}, p_opt);
+  at::Tensor z_low = MIXED ? at::empty({B, H}, p_opt) : at::Tensor();
   // without a backward, each thread writes the activations of all its rows into one 4H scratch (in L1)
   at::Tensor scratch = f.acts ? at::Tensor() : at::empty({at::get_num_threads(), 4 * H}, opt);
-  Product projection(w_in_t, u_block.size(0)), recurrent(w_hh_t, B), to_y(w_tz_t, B);
-  T *hp = h.data_ptr<T>(), *qp = q.data_ptr<T>(), *ymp = ym.data_ptr<T>();
+  Product projection(w_in_t, u_block.size(0));
+  P *hp = h.data_ptr<P>(), *qp = q.data_ptr<P>(), *ymp = ym.data_ptr<P>(), *zlp = MIXED ? z_low.data_ptr<P>() : nullptr;
   auto acts_of = [&](int64_t n, int64_t b) {
     return f.acts ? f.acts + (n * B + b) * 4 * H : scratch.data_ptr<T>() + at::get_thread_num() * 4 * H;
   };
@@ -557,7 +569,8 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::
   const T* zp = f.z0;
   const T* u_steps = nullptr;  // the projection of step n is u_steps + n * B * 4H
   const std::vector<int64_t> live = LEN ? live_rows(f.len, Tn, B) : std::vector<int64_t>();
-  if (f.mask) times_mask(yp, f.mask, ymp, B * H);
+  const bool y_copy = MIXED || f.mask;  // the products read y_{n-1} from ym
+  if (y_copy) gemm_input(yp, f.mask, ymp, B * H);
   for (int64_t n = 0; n < Tn; ++n) {
     if (n % steps == 0 && n <= last_block) {
       const int64_t rows = (n == last_block ? Tn - n : steps) * B;
@@ -570,24 +583,34 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::
     T* z = f.zs ? f.zs + n * B * H : f.z_tmp + (n & 1) * B * H;
     const int64_t Bn = LEN ? live[n] : B;  // the rows from Bn on have ended
     at::Tensor h_rows = first_rows(h, Bn), q_rows = first_rows(q, Bn);
-    if (Bn) recurrent(h_rows, at::from_blob(const_cast<T*>(f.mask ? ymp : yp), {Bn, H}, opt));
+    P* y_in = y_copy ? ymp : reinterpret_cast<P*>(const_cast<T*>(yp));  // (not y_copy: P is T)
+    if (Bn) at::mm_out(h_rows, at::from_blob(y_in, {Bn, H}, p_opt), w_hh_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= f.len[b]) std::memcpy(z + b * H, zp + b * H, H * sizeof(T));  // frozen: z_n = z_{n-1}
         else fwd_z(u + b * 4 * H, hp + b * 3 * H, f.bias, zp + b * H, z + b * H, acts_of(n, b), H, f.dt);
+        if (MIXED) gemm_input<T, P>(z + b * H, nullptr, zlp + b * H, H);
       }
     });
-    if (Bn) to_y(q_rows, at::from_blob(z, {Bn, H}, opt));
+    if (Bn) at::mm_out(q_rows, at::from_blob(MIXED ? zlp : reinterpret_cast<P*>(z), {Bn, H}, p_opt), w_tz_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= f.len[b]) std::memcpy(y + b * H, yp + b * H, H * sizeof(T));
         else fwd_y(u + b * 4 * H, hp + b * 3 * H, f.bias, qp + b * H, yp + b * H, y + b * H, acts_of(n, b), H, f.dt);
-        if (f.mask) times_mask(y + b * H, f.mask + b * H, ymp + b * H, H);  // the next step's GEMM input
+        if (y_copy) gemm_input(y + b * H, f.mask ? f.mask + b * H : nullptr, ymp + b * H, H);  // the next step's GEMM input
       }
     });
     yp = y;
     zp = z;
   }
+}
+
+// forward_gemm with products in P (mixed precision: float32 loops only)
+template <typename T, typename P, bool LEN>
+void forward_gemm_low(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::Tensor& w_in_t,
+                      const at::Tensor& w_hh_t, const at::Tensor& w_tz_t, const at::TensorOptions& opt) {
+  if constexpr (std::is_same_v<T, float>) forward_gemm<T, P, LEN>(s, f, x2, w_in_t, w_hh_t, w_tz_t, opt);
+  else TORCH_CHECK(false, "lem_cpu: mixed precision runs float32 loops");
 }
 
 // The backward's pointers. g_y, g_z (B, H) enter as 0 and dL/dz_T and leave as dL/dy_0, dL/dz_0;
@@ -848,7 +871,14 @@ std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, c10::optional
           forward_rows<T, decltype(hc)::value, LEN>(s, f, w_in_t.data_ptr<T>(), w_hh_t.data_ptr<T>(), w_tz_t.data_ptr<T>());
         });
       } else {
-        forward_gemm<T, LEN>(s, f, x.view({s.T * s.B, x.size(2)}), w_in_t, w_hh_t, w_tz_t, opt);
+        const at::Tensor x2 = x.view({s.T * s.B, x.size(2)});
+        if (w_hh_t.scalar_type() == at::kBFloat16) {
+          forward_gemm_low<T, c10::BFloat16, LEN>(s, f, x2, w_in_t, w_hh_t, w_tz_t, opt);
+        } else if (w_hh_t.scalar_type() == at::kHalf) {
+          forward_gemm_low<T, c10::Half, LEN>(s, f, x2, w_in_t, w_hh_t, w_tz_t, opt);
+        } else {
+          forward_gemm<T, T, LEN>(s, f, x2, w_in_t, w_hh_t, w_tz_t, opt);
+        }
       }
     });
   });
