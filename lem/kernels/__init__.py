@@ -15,7 +15,8 @@ every backend runs it (shapes only). A fused path that cannot be built falls bac
 with one warning; a GPU tier whose
 kernels fail to compile or launch falls to the next tier down (onchip, stepwise, reference), with
 one warning. The GPU tiers run float32, bfloat16 and float16 inputs, and torch.autocast; float64
-runs on `reference`.
+runs on `reference`. `cpp` runs float32 and float64, and bfloat16, float16 and torch.autocast in mixed
+precision (cpu.mixed_gemm; docs/kernels.md, "Low precision on CPU").
 """
 import os
 import sys

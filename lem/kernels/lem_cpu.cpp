@@ -151,6 +151,22 @@ template <typename T> inline T sigmoid(T x) { return T(1) / (T(1) + exp_(-x)); }
 inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
 inline double tanh_(double x) { return std::tanh(x); }
 
+// float32 rounded to bfloat16 (to nearest even; a NaN stays a NaN) and back, in integer arithmetic
+// that the loops vectorise (ATen's dtype-converting copy_ took ~1 ms per (128, 1024) step here)
+inline c10::BFloat16 round_to_low(float v, c10::BFloat16*) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16((u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded), c10::BFloat16::from_bits());
+}
+inline c10::Half round_to_low(float v, c10::Half*) { return c10::Half(v); }
+inline float widen(c10::BFloat16 v) { return __builtin_bit_cast(float, uint32_t(v.x) << 16); }
+inline float widen(c10::Half v) { return static_cast<float>(v); }
+template <typename T> inline T widen(T v) { return v; }
+// v in the products' dtype P (the loop's own: v itself)
+template <typename P, typename T> inline P to_products(T v) {
+  if constexpr (std::is_same_v<P, T>) return v; else return round_to_low(v, static_cast<P*>(nullptr));
+}
+
 // Calls f(b0, full) for blocks of RB rows (full) and then the leftover single rows.
 template <int RB, typename F> inline void for_row_blocks(int64_t B, int64_t work_per_row, const F& f) {
   const int64_t blocks = B / RB, grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_row, 1));
@@ -298,12 +314,13 @@ inline void rows_vecmat(const T* __restrict v, const T* __restrict m, T* __restr
 // the chunk order of u_proj (4H, docs/paper.md §1: both linears' biases add up); act: the row's 4H saved
 // activations [σ gate y, σ gate z, tanh cand y, tanh cand z], the same order.
 // Backward needs only these four values per unit, so it does no exp/tanh of its own.
-template <typename T>
-inline void fwd_z(const T* __restrict u, const T* __restrict h, const T* __restrict bias, const T* __restrict zp,
+// (h and q in the products' dtype P: see forward_gemm)
+template <typename T, typename P>
+inline void fwd_z(const T* __restrict u, const P* __restrict h, const T* __restrict bias, const T* __restrict zp,
                   T* __restrict z, T* __restrict act, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {  // z_n = (1 − Δt_n) z_{n-1} + Δt_n tanh(Wz y + Vz u + bz)
-    const T s = sigmoid(u[H + j] + h[H + j] + bias[H + j]);
-    const T c = tanh_(u[3 * H + j] + h[2 * H + j] + bias[3 * H + j]);
+    const T s = sigmoid(u[H + j] + widen(h[H + j]) + bias[H + j]);
+    const T c = tanh_(u[3 * H + j] + widen(h[2 * H + j]) + bias[3 * H + j]);
     z[j] = (T(1) - dt * s) * zp[j] + dt * s * c;
     act[H + j] = s;
     act[3 * H + j] = c;
@@ -311,12 +328,12 @@ inline void fwd_z(const T* __restrict u, const T* __restrict h, const T* __restr
 }
 
 // q: the row's z_n times W_tz^T (H)
-template <typename T>
-inline void fwd_y(const T* __restrict u, const T* __restrict h, const T* __restrict bias, const T* __restrict q,
+template <typename T, typename P>
+inline void fwd_y(const T* __restrict u, const P* __restrict h, const T* __restrict bias, const P* __restrict q,
                   const T* __restrict yp, T* __restrict y, T* __restrict act, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {  // y_n = (1 − Δt̄_n) y_{n-1} + Δt̄_n tanh(Wy z_n + Vy u + by)
-    const T s = sigmoid(u[j] + h[j] + bias[j]);
-    const T c = tanh_(u[2 * H + j] + q[j] + bias[2 * H + j]);
+    const T s = sigmoid(u[j] + widen(h[j]) + bias[j]);
+    const T c = tanh_(u[2 * H + j] + widen(q[j]) + bias[2 * H + j]);
     y[j] = (T(1) - dt * s) * yp[j] + dt * s * c;
     act[j] = s;
     act[2 * H + j] = c;
@@ -325,24 +342,24 @@ inline void fwd_y(const T* __restrict u, const T* __restrict h, const T* __restr
 
 // g_y: dL/dy_n (in), becomes the leak part of dL/dy_{n-1}; writes the y parts of the row's d u_proj
 // (gate y at 0, cand y at 2H, which is also d transform_z-output).
-template <typename T>
-inline void bwd_y(const T* __restrict act, const T* __restrict yp, T* __restrict g_y, T* __restrict dU, int64_t H, T dt) {
+template <typename T, typename P>
+inline void bwd_y(const T* __restrict act, const T* __restrict yp, T* __restrict g_y, P* __restrict dU, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
     const T s = act[j], c = act[2 * H + j], g = g_y[j];
-    dU[j] = g * (c - yp[j]) * dt * s * (T(1) - s);
-    dU[2 * H + j] = g * dt * s * (T(1) - c * c);
+    dU[j] = to_products<P>(g * (c - yp[j]) * dt * s * (T(1) - s));
+    dU[2 * H + j] = to_products<P>(g * dt * s * (T(1) - c * c));
     g_y[j] = g * (T(1) - dt * s);
   }
 }
 
 // g_z: dL/dz_n (in, already including Wy^T dq), becomes dL/dz_{n-1}; writes the z parts (gate z at H,
 // cand z at 3H).
-template <typename T>
-inline void bwd_z(const T* __restrict act, const T* __restrict zp, T* __restrict g_z, T* __restrict dU, int64_t H, T dt) {
+template <typename T, typename P>
+inline void bwd_z(const T* __restrict act, const T* __restrict zp, T* __restrict g_z, P* __restrict dU, int64_t H, T dt) {
   for (int64_t j = 0; j < H; ++j) {
     const T s = act[H + j], c = act[3 * H + j], g = g_z[j];
-    dU[H + j] = g * (c - zp[j]) * dt * s * (T(1) - s);
-    dU[3 * H + j] = g * dt * s * (T(1) - c * c);
+    dU[H + j] = to_products<P>(g * (c - zp[j]) * dt * s * (T(1) - s));
+    dU[3 * H + j] = to_products<P>(g * dt * s * (T(1) - c * c));
     g_z[j] = g * (T(1) - dt * s);
   }
 }
@@ -465,17 +482,6 @@ at::Tensor first_rows(const at::Tensor& t, int64_t n) { return n == t.size(0) ? 
 
 bool is_low(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// float32 rounded to bfloat16 (to nearest even; a NaN stays a NaN) and back, in integer arithmetic
-// that the loops vectorise (ATen's dtype-converting copy_ took ~1 ms per (128, 1024) step here)
-inline c10::BFloat16 round_to_low(float v, c10::BFloat16*) {
-  const uint32_t u = __builtin_bit_cast(uint32_t, v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return c10::BFloat16((u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : uint16_t(rounded), c10::BFloat16::from_bits());
-}
-inline c10::Half round_to_low(float v, c10::Half*) { return c10::Half(v); }
-inline float widen(c10::BFloat16 v) { return __builtin_bit_cast(float, uint32_t(v.x) << 16); }
-inline float widen(c10::Half v) { return static_cast<float>(v); }
-
 // out = a · w (add: out += a · w) for out in the loop's dtype and w (K, N) in the products' dtype. Where
 // that is the loop's own, one at::mm_out / addmm_. Under mixed precision (w in bfloat16 or float16, the
 // loop in float32) a is rounded into a scratch buffer of w's dtype, unless it is in it already, and the
@@ -530,21 +536,32 @@ class Product {
   int64_t rows_;
 };
 
-// x2 (T·B, I) is x in the products' dtype; w_in_t (I, 4H), w_hh_t (H, 3H), w_tz_t (H, H) the transposed
-// weights in it (see Product).
-template <typename T, bool LEN>
+// out = v ⊙ mask (mask null: v) in the products' dtype: a GEMM input
+template <typename T, typename P> inline void gemm_input(const T* __restrict v, const T* __restrict mask, P* __restrict out, int64_t n) {
+  if (mask) for (int64_t i = 0; i < n; ++i) out[i] = to_products<P>(v[i] * mask[i]);
+  else for (int64_t i = 0; i < n; ++i) out[i] = to_products<P>(v[i]);
+}
+
+// x2 (T·B, I) is x in the products' dtype P; w_in_t (I, 4H), w_hh_t (H, 3H), w_tz_t (H, H) the transposed
+// weights in it. With P = T the products read y_{n-1} (or y_{n-1} ⊙ mask) and z_n where the loop wrote
+// them; under mixed precision the loop also writes both, rounded, into (B, H) buffers of P, and the
+// step's loops read the products' results in P (at::mm writes them in its inputs' dtype).
+template <typename T, typename P, bool LEN>
 void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::Tensor& w_in_t, const at::Tensor& w_hh_t,
                   const at::Tensor& w_tz_t, const at::TensorOptions& opt) {
+  constexpr bool MIXED = !std::is_same_v<T, P>;
   const int64_t Tn = s.T, B = s.B, H = s.H;
   const int64_t steps = std::clamp<int64_t>(std::max(kProjectionBytes / (B * 4 * H * int64_t(sizeof(T))),
                                                      (kProjectionRows + B - 1) / B), 1, Tn);
   const int64_t last_block = (Tn / steps - 1) * steps;  // first step of the last block
+  const auto p_opt = opt.dtype(c10::CppTypeToScalarType<P>::value);
   at::Tensor u_block = at::empty({(Tn - last_block) * B, 4 * H}, opt);
-  at::Tensor h = at::empty({B, 3 * H}, opt), q = at::empty({B, H}, opt), ym = at::empty({B, H}, opt);
+  at::Tensor h = at::empty({B, 3 * H}, p_opt), q = at::empty({B, H}, p_opt), ym = at::empty({B, H}, p_opt);
+  at::Tensor z_low = MIXED ? at::empty({B, H}, p_opt) : at::Tensor();
   // without a backward, each thread writes the activations of all its rows into one 4H scratch (in L1)
   at::Tensor scratch = f.acts ? at::Tensor() : at::empty({at::get_num_threads(), 4 * H}, opt);
-  Product projection(w_in_t, u_block.size(0)), recurrent(w_hh_t, B), to_y(w_tz_t, B);
-  T *hp = h.data_ptr<T>(), *qp = q.data_ptr<T>(), *ymp = ym.data_ptr<T>();
+  Product projection(w_in_t, u_block.size(0));
+  P *hp = h.data_ptr<P>(), *qp = q.data_ptr<P>(), *ymp = ym.data_ptr<P>(), *zlp = MIXED ? z_low.data_ptr<P>() : nullptr;
   auto acts_of = [&](int64_t n, int64_t b) {
     return f.acts ? f.acts + (n * B + b) * 4 * H : scratch.data_ptr<T>() + at::get_thread_num() * 4 * H;
   };
@@ -552,7 +569,8 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::
   const T* zp = f.z0;
   const T* u_steps = nullptr;  // the projection of step n is u_steps + n * B * 4H
   const std::vector<int64_t> live = LEN ? live_rows(f.len, Tn, B) : std::vector<int64_t>();
-  if (f.mask) times_mask(yp, f.mask, ymp, B * H);
+  const bool y_copy = MIXED || f.mask;  // the products read y_{n-1} from ym
+  if (y_copy) gemm_input(yp, f.mask, ymp, B * H);
   for (int64_t n = 0; n < Tn; ++n) {
     if (n % steps == 0 && n <= last_block) {
       const int64_t rows = (n == last_block ? Tn - n : steps) * B;
@@ -565,19 +583,21 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::
     T* z = f.zs ? f.zs + n * B * H : f.z_tmp + (n & 1) * B * H;
     const int64_t Bn = LEN ? live[n] : B;  // the rows from Bn on have ended
     at::Tensor h_rows = first_rows(h, Bn), q_rows = first_rows(q, Bn);
-    if (Bn) recurrent(h_rows, at::from_blob(const_cast<T*>(f.mask ? ymp : yp), {Bn, H}, opt));
+    P* y_in = y_copy ? ymp : reinterpret_cast<P*>(const_cast<T*>(yp));  // (not y_copy: P is T)
+    if (Bn) at::mm_out(h_rows, at::from_blob(y_in, {Bn, H}, p_opt), w_hh_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= f.len[b]) std::memcpy(z + b * H, zp + b * H, H * sizeof(T));  // frozen: z_n = z_{n-1}
         else fwd_z(u + b * 4 * H, hp + b * 3 * H, f.bias, zp + b * H, z + b * H, acts_of(n, b), H, f.dt);
+        if (MIXED) gemm_input<T, P>(z + b * H, nullptr, zlp + b * H, H);
       }
     });
-    if (Bn) to_y(q_rows, at::from_blob(z, {Bn, H}, opt));
+    if (Bn) at::mm_out(q_rows, at::from_blob(MIXED ? zlp : reinterpret_cast<P*>(z), {Bn, H}, p_opt), w_tz_t);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= f.len[b]) std::memcpy(y + b * H, yp + b * H, H * sizeof(T));
         else fwd_y(u + b * 4 * H, hp + b * 3 * H, f.bias, qp + b * H, yp + b * H, y + b * H, acts_of(n, b), H, f.dt);
-        if (f.mask) times_mask(y + b * H, f.mask + b * H, ymp + b * H, H);  // the next step's GEMM input
+        if (y_copy) gemm_input(y + b * H, f.mask ? f.mask + b * H : nullptr, ymp + b * H, H);  // the next step's GEMM input
       }
     });
     yp = y;
@@ -585,18 +605,29 @@ void forward_gemm(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::
   }
 }
 
+// forward_gemm with products in P (mixed precision: float32 loops only)
+template <typename T, typename P, bool LEN>
+void forward_gemm_low(Sizes s, const Forward<T>& f, const at::Tensor& x2, const at::Tensor& w_in_t,
+                      const at::Tensor& w_hh_t, const at::Tensor& w_tz_t, const at::TensorOptions& opt) {
+  if constexpr (std::is_same_v<T, float>) forward_gemm<T, P, LEN>(s, f, x2, w_in_t, w_hh_t, w_tz_t, opt);
+  else TORCH_CHECK(false, "lem_cpu: mixed precision runs float32 loops");
+}
+
 // The backward's pointers. g_y, g_z (B, H) enter as 0 and dL/dz_T and leave as dL/dy_0, dL/dz_0;
 // dU = d u_proj (T, B, 4H) is written row by row, and its rows are summed over T into db (B, 4H) while
 // they are in cache (the bias gradients are the column sums of dU).
-template <typename T> struct Backward {
+// Under mixed precision (the GEMM strategy) dU is in the products' dtype P.
+template <typename T, typename P = T> struct Backward {
   const T *grad_ys, *acts, *y0, *ys, *z0, *zs, *mask;
   const int64_t* len;  // per-row lengths, or null
   T dt;
-  T *g_y, *g_z, *dU, *db;
+  T *g_y, *g_z;
+  P* dU;
+  T* db;
 };
 
-template <typename T> inline void add_to(T* __restrict acc, const T* __restrict v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += v[i];
+template <typename T, typename P> inline void add_to(T* __restrict acc, const P* __restrict v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += widen(v[i]);
 }
 
 // whh4 (4H, H): W_hh with a zero block where a d u_proj row has its cand-y column, so dU rows go in as they are
@@ -650,9 +681,10 @@ void backward_rows(Sizes s, const Backward<T>& g, const T* whh4, const T* wtz) {
 
 // With lengths, the rows from live[n] on have ended at step n: the GEMMs skip them, and their rows of
 // dym stay zero (from the start of the reverse loop to step n they have been frozen all along).
-template <typename T, bool LEN>
-void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
+template <typename T, typename P, bool LEN>
+void backward_gemm(Sizes s, const Backward<T, P>& g, const at::Tensor& w_hh, const at::Tensor& w_tz, const at::TensorOptions& opt) {
   const int64_t Tn = s.T, B = s.B, H = s.H;
+  const auto p_opt = opt.dtype(c10::CppTypeToScalarType<P>::value);
   at::Tensor dzy = at::empty({B, H}, opt), dym = at::zeros({B, H}, opt);
   Product from_y(w_tz, B), gates_to_y(w_hh.narrow(0, 0, 2 * H), B), cand_z_to_y(w_hh.narrow(0, 2 * H, H), B);
   T *dzyp = dzy.data_ptr<T>(), *dymp = dym.data_ptr<T>();
@@ -661,7 +693,7 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
     const int64_t r0 = n * B, Bn = LEN ? live[n] : B;
     const T* yp = n ? g.ys + (n - 1) * B * H : g.y0;  // y_{n-1}, z_{n-1}
     const T* zp = n ? g.zs + (n - 1) * B * H : g.z0;
-    T* dU = g.dU + r0 * 4 * H;
+    P* dU = g.dU + r0 * 4 * H;
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         T* gy = g.g_y + b * H;
@@ -669,12 +701,12 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
         const T* dymb = dymp + b * H;
         if (g.mask) for (int64_t j = 0; j < H; ++j) gy[j] += grad[j] + dymb[j] * g.mask[b * H + j];
         else for (int64_t j = 0; j < H; ++j) gy[j] += grad[j] + dymb[j];
-        if (LEN && n >= g.len[b]) std::fill(dU + b * 4 * H, dU + (b + 1) * 4 * H, T(0));  // frozen row
+        if (LEN && n >= g.len[b]) std::fill(dU + b * 4 * H, dU + (b + 1) * 4 * H, P(0.0f));  // frozen row
         else bwd_y(g.acts + (r0 + b) * 4 * H, yp + b * H, gy, dU + b * 4 * H, H, g.dt);
       }
     });
     at::Tensor dzy_rows = first_rows(dzy, Bn), dym_rows = first_rows(dym, Bn);
-    if (Bn) from_y(dzy_rows, at::from_blob(dU + 2 * H, {Bn, H}, {4 * H, 1}, opt));
+    if (Bn) from_y(dzy_rows, at::from_blob(dU + 2 * H, {Bn, H}, {4 * H, 1}, p_opt));
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (LEN && n >= g.len[b]) continue;  // z_n = z_{n-1}: dL/dz_n goes on unchanged
@@ -686,13 +718,21 @@ void backward_gemm(Sizes s, const Backward<T>& g, const at::Tensor& w_hh, const 
     });
     // [gate y, gate z] and cand z of this step's d u_proj rows (strided views) into W_hh
     if (!Bn) continue;
-    gates_to_y(dym_rows, at::from_blob(dU, {Bn, 2 * H}, {4 * H, 1}, opt));
-    cand_z_to_y(dym_rows, at::from_blob(dU + 3 * H, {Bn, H}, {4 * H, 1}, opt), true);
+    gates_to_y(dym_rows, at::from_blob(dU, {Bn, 2 * H}, {4 * H, 1}, p_opt));
+    cand_z_to_y(dym_rows, at::from_blob(dU + 3 * H, {Bn, H}, {4 * H, 1}, p_opt), true);
   }
   for (int64_t i = 0; i < B * H; ++i) g.g_y[i] += g.mask ? dymp[i] * g.mask[i] : dymp[i];
 }
 
 // The state-dropout mask in the loop's dtype, or an undefined tensor
+// backward_gemm with d u_proj in the products' dtype P (mixed precision: float32 loops only)
+template <typename T, typename P, bool LEN>
+void backward_gemm_low(Sizes s, const Backward<T, P>& g, const at::Tensor& w_hh, const at::Tensor& w_tz,
+                       const at::TensorOptions& opt) {
+  if constexpr (std::is_same_v<T, float>) backward_gemm<T, P, LEN>(s, g, w_hh, w_tz, opt);
+  else TORCH_CHECK(false, "lem_cpu: mixed precision runs float32 loops");
+}
+
 at::Tensor opt_mask(const c10::optional<at::Tensor>& mask, const at::TensorOptions& opt) {
   return mask.has_value() && mask->defined() ? mask->to(opt).contiguous() : at::Tensor();
 }
@@ -831,7 +871,14 @@ std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, c10::optional
           forward_rows<T, decltype(hc)::value, LEN>(s, f, w_in_t.data_ptr<T>(), w_hh_t.data_ptr<T>(), w_tz_t.data_ptr<T>());
         });
       } else {
-        forward_gemm<T, LEN>(s, f, x.view({s.T * s.B, x.size(2)}), w_in_t, w_hh_t, w_tz_t, opt);
+        const at::Tensor x2 = x.view({s.T * s.B, x.size(2)});
+        if (w_hh_t.scalar_type() == at::kBFloat16) {
+          forward_gemm_low<T, c10::BFloat16, LEN>(s, f, x2, w_in_t, w_hh_t, w_tz_t, opt);
+        } else if (w_hh_t.scalar_type() == at::kHalf) {
+          forward_gemm_low<T, c10::Half, LEN>(s, f, x2, w_in_t, w_hh_t, w_tz_t, opt);
+        } else {
+          forward_gemm<T, T, LEN>(s, f, x2, w_in_t, w_hh_t, w_tz_t, opt);
+        }
       }
     });
   });
@@ -873,22 +920,31 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
   at::Tensor g_y = at::zeros({B, H}, opt);
   at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->to(opt).contiguous().clone() : at::zeros({B, H}, opt);
   // the loop writes every gradient of u_proj straight into its place: [gate y, gate z, cand y (dQ), cand z]
-  at::Tensor d_u = empty_large({T, B, 4 * H}, opt), db_rows = at::zeros({B, 4 * H}, opt);
+  // (in the products' dtype under mixed precision with the GEMM strategy, which takes it as it is)
+  at::Tensor d_u = empty_large({T, B, 4 * H}, mixed && !rowwise ? opt.dtype(*gemm) : opt);
+  at::Tensor db_rows = at::zeros({B, 4 * H}, opt);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lem_backward", [&] {
     using T_ = scalar_t;
-    const Backward<T_> g{grad_ys.data_ptr<T_>(), acts.data_ptr<T_>(), y0.data_ptr<T_>(), ys.data_ptr<T_>(),
-                         z0.data_ptr<T_>(), zs.data_ptr<T_>(), ptr_or_null<T_>(mask), ptr_or_null<int64_t>(len),
-                         static_cast<T_>(dt), g_y.data_ptr<T_>(), g_z.data_ptr<T_>(), d_u.data_ptr<T_>(),
-                         db_rows.data_ptr<T_>()};
+    auto pointers = [&](auto* dU) {
+      return Backward<T_, std::remove_pointer_t<decltype(dU)>>{
+          grad_ys.data_ptr<T_>(), acts.data_ptr<T_>(), y0.data_ptr<T_>(), ys.data_ptr<T_>(), z0.data_ptr<T_>(),
+          zs.data_ptr<T_>(), ptr_or_null<T_>(mask), ptr_or_null<int64_t>(len), static_cast<T_>(dt),
+          g_y.data_ptr<T_>(), g_z.data_ptr<T_>(), dU, db_rows.data_ptr<T_>()};
+    };
     with_lengths(len, [&](auto has_len) {
       constexpr bool LEN = decltype(has_len)::value;
       if (rowwise) {
         const at::Tensor whh4 = at::cat({w_hh.narrow(0, 0, 2 * H), at::zeros({H, H}, opt), w_hh.narrow(0, 2 * H, H)});
         with_fixed_h(H, [&](auto hc) {
-          backward_rows<T_, decltype(hc)::value, LEN>(s, g, whh4.data_ptr<T_>(), w_tz.data_ptr<T_>());
+          backward_rows<T_, decltype(hc)::value, LEN>(s, pointers(d_u.data_ptr<T_>()), whh4.data_ptr<T_>(),
+                                                      w_tz.data_ptr<T_>());
         });
+      } else if (d_u.scalar_type() == at::kBFloat16) {
+        backward_gemm_low<T_, c10::BFloat16, LEN>(s, pointers(d_u.data_ptr<c10::BFloat16>()), w_hh, w_tz, opt);
+      } else if (d_u.scalar_type() == at::kHalf) {
+        backward_gemm_low<T_, c10::Half, LEN>(s, pointers(d_u.data_ptr<c10::Half>()), w_hh, w_tz, opt);
       } else {
-        backward_gemm<T_, LEN>(s, g, w_hh, w_tz, opt);
+        backward_gemm<T_, T_, LEN>(s, pointers(d_u.data_ptr<T_>()), w_hh, w_tz, opt);
       }
     });
   });
