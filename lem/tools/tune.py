@@ -446,8 +446,12 @@ def run_seed(s, argv, folder, marker):
 
 def main(argv=None):
     opts, flags = parse_arguments(argv)
-    root = checkout.required_root()
-    task_cls = experiments.task_class(opts.experiment, flags)
+    try:
+        root = checkout.required_root()
+        task_cls = experiments.task_class(opts.experiment, flags)
+    except (checkout.NotACheckout, ValueError) as e:
+        print(f"python -m lem.tools.tune: {e}", file=sys.stderr)
+        sys.exit(2)
     objective_split(task_cls)
     if opts.model not in task_cls.models:
         raise SystemExit(f"--model must be one of {', '.join(task_cls.models)}, got {opts.model!r}")

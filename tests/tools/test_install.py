@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 WHEEL_SOURCES = ("lem", "pyproject.toml", "README.md", "LICENSE")  # what the wheel is built from
-TOOLS = ("lem.tools.results", "lem.tools.reproduce", "lem.tools.bench", "lem.kernels.build")
+TOOLS = ("lem.tools.results", "lem.tools.reproduce", "lem.tools.bench", "lem.tools.tune", "lem.kernels.build")
 
 TRAIN = """
 import json, sys, warnings
@@ -119,7 +119,8 @@ def test_every_tool_answers_help(installed, tool):
 
 
 @pytest.mark.parametrize("call", [["lem.tools.results"], ["lem.tools.reproduce", "somewhere"],
-                                  ["lem.tools.bench", "epoch", "smnist"]])
+                                  ["lem.tools.bench", "epoch", "smnist"],
+                                  ["lem.tools.tune", "fitzhugh_nagumo", "--model", "lem", "--trials", "1"]])
 def test_a_research_tool_outside_a_checkout_says_so_in_one_line(installed, call):
     python, outside = installed
     done = _run([python, "-m", *call], outside)
