@@ -14,6 +14,7 @@ within the architecture's per-block limit and its spill stack within 1 KiB. The 
 fallback of every call, is checked at every size too. Exits 1 if anything does not fit.
 """
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -41,7 +42,7 @@ Row = namedtuple("Row", "kernel tier H dtype arch shared registers stack limit b
 _compiled = {}  # compile key -> (shared, registers, stack): each kernel is compiled once per process
 
 
-def launches(tier, H, dtype, every_variant=True):
+def launches(tier, H, dtype, every_variant=True, chip=None):
     """Every distinct kernel launch of `tier` at hidden size H, inputs of `dtype`, as recorded; with
     every_variant False only those of a training step with the state-dropout mask and per-row
     lengths (the variants that hold the most: the test suite's cheaper check)."""
@@ -51,7 +52,7 @@ def launches(tier, H, dtype, every_variant=True):
     w = dict(w_in=t(4 * H, I), b_in=t(4 * H), w_hh=t(3 * H, H), b_hh=t(3 * H), w_tz=t(H, H), b_tz=t(H))
     found = {}
     lengths = torch.empty(B, dtype=torch.int64, device=meta)
-    with launch.recording() as recorded:
+    with launch.recording() as recorded, _configured_for(chip):
         for mask in (None, t(B, H)) if every_variant else (t(B, H),):
             for lens in (None, lengths) if every_variant else (lengths,):
                 for keep in (False, True) if every_variant else (True,):  # backward takes the acts of keep=True
@@ -64,6 +65,16 @@ def launches(tier, H, dtype, every_variant=True):
         key = (kernel.__name__, tuple(signature.items()), tuple(constants.items()), str(attrs), num_warps, num_stages)
         found[key] = (kernel, signature, constants, attrs, num_warps, num_stages)
     return found
+
+
+@contextlib.contextmanager
+def _configured_for(chip):
+    """The on-chip kernels configured for `chip` (its shared memory decides whether the gate blocks stream)."""
+    gpu.onchip.TARGET = chip
+    try:
+        yield
+    finally:
+        gpu.onchip.TARGET = None
 
 
 def _signature(kernel, args, constexprs):
@@ -125,8 +136,10 @@ def rows(archs=tuple(ARCHS), hidden=HIDDEN, dtypes=tuple(DTYPES), every_variant=
             for H in hidden:
                 chosen = resolve("triton", torch.device("cuda"), H, dtype, gpu=chip)
                 for tier in dict.fromkeys([chosen, "stepwise"]):  # stepwise: every call's fallback
-                    bound = gpu.onchip.shared_memory(H, dtype) if tier == "onchip" else None
-                    for kernel, *compile_args in launches(tier, H, dtype, every_variant).values():
+                    bound = None
+                    if tier == "onchip":
+                        bound = gpu.onchip.shared_memory(H, dtype, gpu.onchip.stream_gates(H, dtype, chip.shared_memory))
+                    for kernel, *compile_args in launches(tier, H, dtype, every_variant, chip).values():
                         shared, registers, stack = resources(kernel, *compile_args, capability)
                         out.append(Row(kernel.__name__, tier, H, name, f"sm_{capability}", shared, registers, stack,
                                        chip.shared_memory, bound))

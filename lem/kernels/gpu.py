@@ -62,10 +62,11 @@ def tiers(name, device, H, dtype, gpu=None):
     if gemm is None:
         return []
     gpu = gpu or gpu_of(device)
-    fits = onchip.shared_memory(H, gemm) <= gpu.shared_memory
+    fits = onchip.stream_gates(H, gemm, gpu.shared_memory) is not None
     if name == "onchip" and not fits:
-        raise ValueError(f"backend 'onchip' needs {onchip.shared_memory(H, gemm):,} B of shared memory per block at "
-                         f"H = {H} in {gemm}, this GPU has {gpu.shared_memory:,} B; use 'triton' or 'stepwise'")
+        least = onchip.shared_memory(H, gemm, stream=True)
+        raise ValueError(f"backend 'onchip' needs {least:,} B of shared memory per block at H = {H} in {gemm}, this GPU "
+                         f"has {gpu.shared_memory:,} B; use 'triton' or 'stepwise'")
     return _usable_from("stepwise" if name == "stepwise" or not fits else "onchip", gpu, H, gemm)
 
 

@@ -3,8 +3,11 @@
 Each program owns BB batch rows for the whole sequence (rows never interact). It loads the four
 H x H recurrent weight blocks once, before its time loop; Triton keeps them on chip (in shared
 memory as the operand of tl.dot, which the loop reuses), so a step reads from global memory only
-its inputs and writes only its outputs. That needs 4·H² weights per program: the dispatcher
-(gpu.py) sends a call here only where `shared_memory` is within the GPU's shared memory per
+its inputs and writes only its outputs. That needs 4·H² weights per program. Where only two blocks
+fit (float32 H 128 on A100 and H100, half precision H 128 on the RTX cards), the two candidate
+blocks stay on chip and the two gate blocks are read from L2 every step, KC rows at a time, with
+their inputs read back from what the step before wrote (STREAM). The dispatcher (gpu.py) sends a
+call here only where `shared_memory` of one of the two is within the GPU's shared memory per
 block (an upper bound that tests/kernels/test_fit.py checks against what Triton allocates).
 
 Layouts (gpu.py): u_proj and the saved activations are (T, B, 4H) in the order
@@ -34,17 +37,45 @@ def _lengths(len_ptr, b, B):
 
 
 @triton.jit
+def _streamed_dot(x_ptr, ld, mask_ptr, b, B, H, w_ptr, row0, zero, HAS_MASK: tl.constexpr, TRANSPOSE: tl.constexpr,
+                  BB: tl.constexpr, HP: tl.constexpr, KC: tl.constexpr):
+    """zero + x @ a weight block read from global memory (L2) KC rows at a time, for the gate blocks
+    where they are not kept in shared memory (STREAM): x is rows b of a row-major (·, ld) matrix, its
+    first H columns (times the mask where HAS_MASK), taken in the weights' dtype; the block as in
+    _block. A loop, not unrolled: unrolled, every chunk's loads were in flight at once and spilled."""
+    j = tl.arange(0, HP)
+    acc = zero
+    for k0 in range(0, HP, KC):
+        k = k0 + tl.arange(0, KC)
+        xm = (b[:, None] < B) & (k[None, :] < H)
+        x = tl.load(x_ptr + b[:, None] * ld + k[None, :], mask=xm, other=0.0)
+        if HAS_MASK:
+            x = x * tl.load(mask_ptr + b[:, None] * H + k[None, :], mask=xm, other=0.0)
+        wm = (k[:, None] < H) & (j[None, :] < H)
+        if TRANSPOSE:
+            w = tl.load(w_ptr + (row0 + j[None, :]) * H + k[:, None], mask=wm, other=0.0)
+        else:
+            w = tl.load(w_ptr + (row0 + k[:, None]) * H + j[None, :], mask=wm, other=0.0)
+        acc = tl.dot(x.to(w.dtype), w, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, ys_ptr, zs_ptr, acts_ptr, T, B, H, dt,
-             HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, KEEP: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
-    # KEEP: zs (T + 1, B, H) and acts are written for backward; else zs is (1, B, H), z_0 in, z_T out
+             HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, KEEP: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
+             STREAM: tl.constexpr, KC: tl.constexpr):
+    # KEEP: zs (T + 1, B, H) and acts are written for backward; else zs is (1, B, H), z_0 in, z_T out.
+    # STREAM: the two gate blocks are read from L2 every step (_streamed_dot), their input y_{n-1}
+    # read back from ys; only the candidate blocks stay in shared memory
     GEMM: tl.constexpr = whh_ptr.dtype.element_ty  # the dtype the products take (float32, or the autocast one)
     b = tl.program_id(0) * BB + tl.arange(0, BB)
     j = tl.arange(0, HP)
     ok = (b[:, None] < B) & (j[None, :] < H)
     bh = b[:, None] * H + j[None, :]
     b4 = b[:, None] * 4 * H + j[None, :]
-    w_gy = _block(whh_ptr, 0, j, H, True)  # hid2hid rows [gate y, gate z, cand z] as [in, out]
-    w_gz = _block(whh_ptr, H, j, H, True)
+    if not STREAM:
+        w_gy = _block(whh_ptr, 0, j, H, True)  # hid2hid rows [gate y, gate z, cand z] as [in, out]
+        w_gz = _block(whh_ptr, H, j, H, True)
     w_cz = _block(whh_ptr, 2 * H, j, H, True)
     w_cy = _block(wtz_ptr, 0, j, H, True)
     jm = j < H
@@ -58,19 +89,32 @@ def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, ys_ptr, zs_pt
         keep = tl.load(mask_ptr + bh, mask=ok, other=0.0)
     if HAS_LEN:
         n_b = _lengths(len_ptr, b, B)
+    if STREAM:  # a zero Triton cannot see as a constant: on a constant one it folds the loaded
+        # pre-activation into the FMA tl.dot's accumulator, and at HP 128 ptxas then spills KiBs
+        zero = tl.zeros((BB, HP), dtype=tl.float32) * (H > 0).to(tl.float32)
+    else:
+        zero = tl.zeros((BB, HP), dtype=tl.float32)
     for t in range(T):
         step = tl.cast(t, tl.int64) * B * H  # offsets of step t in (·, B, H) and (·, B, 4H) buffers: 64-bit
         u = u_ptr + 4 * step + b4
         ym = (y * keep if HAS_MASK else y).to(GEMM)
-        s_y = tl.sigmoid(tl.load(u, mask=ok, other=0.0).to(tl.float32) + b_gy + tl.dot(ym, w_gy, input_precision="ieee"))
-        s_z = tl.sigmoid(tl.load(u + H, mask=ok, other=0.0).to(tl.float32) + b_gz + tl.dot(ym, w_gz, input_precision="ieee"))
-        c_z = tanh(tl.load(u + 2 * H, mask=ok, other=0.0).to(tl.float32) + b_cz + tl.dot(ym, w_cz, input_precision="ieee"))
+        if STREAM:
+            tl.debug_barrier()  # y_{n-1}, stored to ys by every thread of the program, is read back below
+            p_gy = _streamed_dot(ys_ptr + step, H, mask_ptr, b, B, H, whh_ptr, 0, zero, HAS_MASK, True, BB, HP, KC)
+            p_gz = _streamed_dot(ys_ptr + step, H, mask_ptr, b, B, H, whh_ptr, H, zero, HAS_MASK, True, BB, HP, KC)
+        else:
+            p_gy = tl.dot(ym, w_gy, zero, input_precision="ieee")
+            p_gz = tl.dot(ym, w_gz, zero, input_precision="ieee")
+        s_y = tl.sigmoid(tl.load(u, mask=ok, other=0.0).to(tl.float32) + b_gy + p_gy)
+        s_z = tl.sigmoid(tl.load(u + H, mask=ok, other=0.0).to(tl.float32) + b_gz + p_gz)
+        c_z = tanh(tl.load(u + 2 * H, mask=ok, other=0.0).to(tl.float32) + b_cz
+                   + tl.dot(ym, w_cz, zero, input_precision="ieee"))
         if HAS_LEN:
             z = tl.where(t < n_b, z + dt * s_z * (c_z - z), z)
         else:
             z = z + dt * s_z * (c_z - z)
         c_y = tanh(tl.load(u + 3 * H, mask=ok, other=0.0).to(tl.float32) + b_cy
-                    + tl.dot(z.to(GEMM), w_cy, input_precision="ieee"))
+                    + tl.dot(z.to(GEMM), w_cy, zero, input_precision="ieee"))
         if HAS_LEN:
             y = tl.where(t < n_b, y + dt * s_y * (c_y - y), y)
         else:
@@ -89,16 +133,19 @@ def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, ys_ptr, zs_pt
 
 @triton.jit
 def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, du_ptr, gy_ptr, gz_ptr, T, B, H,
-              dt, HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
+              dt, HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
+              STREAM: tl.constexpr, KC: tl.constexpr):
     # gy, gz (B, H): dL/dz_T in gz on entry; dL/dy_0, dL/dz_0 on exit. du = dL/du_proj (T, B, 4H).
+    # STREAM as in _forward: the streamed blocks' inputs, d gate y and d gate z, are read back from du
     GEMM: tl.constexpr = du_ptr.dtype.element_ty
     b = tl.program_id(0) * BB + tl.arange(0, BB)
     j = tl.arange(0, HP)
     ok = (b[:, None] < B) & (j[None, :] < H)
     bh = b[:, None] * H + j[None, :]
     b4 = b[:, None] * 4 * H + j[None, :]
-    w_gy = _block(whh_ptr, 0, j, H, False)  # as [out, in]: dL/d(in) = dL/d(out) @ W
-    w_gz = _block(whh_ptr, H, j, H, False)
+    if not STREAM:
+        w_gy = _block(whh_ptr, 0, j, H, False)  # as [out, in]: dL/d(in) = dL/d(out) @ W
+        w_gz = _block(whh_ptr, H, j, H, False)
     w_cz = _block(whh_ptr, 2 * H, j, H, False)
     w_cy = _block(wtz_ptr, 0, j, H, False)
     gy = tl.zeros((BB, HP), dtype=tl.float32)  # dL/dy_n through the leaky carry
@@ -108,6 +155,7 @@ def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, len
         keep = tl.load(mask_ptr + bh, mask=ok, other=0.0)
     if HAS_LEN:
         n_b = _lengths(len_ptr, b, B)
+    zero = tl.zeros((BB, HP), dtype=tl.float32)  # the streamed products' start
     for i in range(T):
         step = tl.cast(T - 1 - i, tl.int64) * B * H
         a = acts_ptr + 4 * step + b4
@@ -138,33 +186,65 @@ def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, len
         tl.store(du + H, d_gz, mask=ok)
         tl.store(du + 2 * H, d_cz, mask=ok)
         tl.store(du + 3 * H, d_cy, mask=ok)
-        dym = (tl.dot(d_gy, w_gy, input_precision="ieee") + tl.dot(d_gz, w_gz, input_precision="ieee")
-               + tl.dot(d_cz, w_cz, input_precision="ieee"))
+        if STREAM:
+            tl.debug_barrier()  # this step's d u, stored above by every thread of the program, is read back below
+            p_gy = _streamed_dot(du_ptr + 4 * step, 4 * H, mask_ptr, b, B, H, whh_ptr, 0, zero, False, False, BB, HP, KC)
+            p_gz = _streamed_dot(du_ptr + 4 * step + H, 4 * H, mask_ptr, b, B, H, whh_ptr, H, zero, False, False, BB, HP,
+                                 KC)
+            dym = p_gy + p_gz + tl.dot(d_cz, w_cz, input_precision="ieee")
+        else:
+            dym = (tl.dot(d_gy, w_gy, input_precision="ieee") + tl.dot(d_gz, w_gz, input_precision="ieee")
+                   + tl.dot(d_cz, w_cz, input_precision="ieee"))
     tl.store(gy_ptr + bh, gy + (dym * keep if HAS_MASK else dym), mask=ok)
     tl.store(gz_ptr + bh, gz, mask=ok)
 
 
 BB = 16  # batch rows per program: the fewest tl.dot takes, so that a batch spreads over the most SMs
+KC = 16  # rows of a streamed weight block per tl.dot
 
 
-def config(H):
+def config(H, stream=False):
     """Compile-time sizes and warps of both kernels for hidden size H (checked by lem.kernels.fit)."""
     HP = max(16, triton.next_power_of_2(H))
-    return dict(BB=BB, HP=HP), 4 if HP <= 32 else 8  # 16 warps made the H = 64 forward spill
+    return dict(BB=BB, HP=HP, STREAM=stream, KC=min(KC, HP)), 4 if HP <= 32 else 8  # 16 warps made H 64 spill
 
 
-def shared_memory(H, gemm_dtype):
-    """Upper bound of the shared memory per block of either kernel, in bytes: the four weight blocks,
-    four staging tiles of BB x HP float32 for the tl.dot operands, 1 KiB of static shared memory
-    (sm_90) and 1 KiB to spare. The fit test checks it against what Triton allocates on every target."""
-    HP = config(H)[0]["HP"]
-    return 4 * HP * HP * gemm_dtype.itemsize + 4 * BB * HP * 4 + 2048
+def shared_memory(H, gemm_dtype, stream=False):
+    """Upper bound of the shared memory per block of either kernel, in bytes. All four weight blocks
+    on chip: the blocks, four staging tiles of BB x HP float32 for the tl.dot operands, 1 KiB of static
+    shared memory (sm_90) and 1 KiB to spare. With the gate blocks streamed: the two candidate blocks,
+    two staging tiles, one streamed chunk (KC rows) with its input, and the same 2 KiB. The fit test
+    checks both against what Triton allocates on every target."""
+    meta = config(H, stream)[0]
+    HP, kc, item = meta["HP"], meta["KC"], gemm_dtype.itemsize
+    if stream:
+        return 2 * HP * HP * item + 2 * BB * HP * 4 + kc * HP * item + BB * kc * 4 + 2048
+    return 4 * HP * HP * item + 4 * BB * HP * 4 + 2048
+
+
+def stream_gates(H, gemm_dtype, limit):
+    """Where the weights go on a GPU with `limit` bytes of shared memory per block: False where all
+    four blocks fit, True where only the candidate blocks do (the gate blocks are then read from L2
+    every step), None where not even those fit (then the stepwise tier runs)."""
+    return next((stream for stream in (False, True) if shared_memory(H, gemm_dtype, stream) <= limit), None)
+
+
+def _config(H, w_hh, device):
+    from .gpu import gpu_of  # here: gpu.py imports this module
+    limit = (TARGET or gpu_of(device)).shared_memory
+    stream = stream_gates(H, w_hh.dtype, limit)
+    if stream is None:
+        raise ValueError(f"the on-chip kernels need more than {limit:,} B of shared memory at H = {H} in {w_hh.dtype}")
+    return config(H, stream)
+
+
+TARGET = None  # a gpu.GPU to configure the kernels for instead of the tensors' GPU (lem.kernels.fit sets it)
 
 
 def forward(u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, dt):
     """Fills ys[1:], and zs[1:] and acts when acts is given (else zs (1, B, H) goes from z_0 to z_T)."""
     T, B, H = u.size(0), u.size(1), ys.size(2)
-    meta, num_warps = config(H)
+    meta, num_warps = _config(H, w_hh, u.device)
     launch(_forward, (triton.cdiv(B, BB),), u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, T, B, H, dt,
            HAS_MASK=mask is not None, HAS_LEN=lengths is not None, KEEP=acts is not None, num_warps=num_warps, **meta)
 
@@ -172,6 +252,6 @@ def forward(u, bias, w_hh, w_tz, mask, lengths, ys, zs, acts, dt):
 def backward(grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz, dt):
     """Fills du (T, B, 4H); gy, gz: dL/dy_0, dL/dz_0 on exit (gz holds dL/dz_T on entry)."""
     T, B, H = acts.size(0), acts.size(1), ys.size(2)
-    meta, num_warps = config(H)
+    meta, num_warps = _config(H, w_hh, du.device)
     launch(_backward, (triton.cdiv(B, BB),), grad_ys, acts, ys, zs, w_hh, w_tz, mask, lengths, du, gy, gz, T, B, H, dt,
            HAS_MASK=mask is not None, HAS_LEN=lengths is not None, num_warps=num_warps, **meta)

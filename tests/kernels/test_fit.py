@@ -26,9 +26,10 @@ def test_auto_picks_a_fused_tier_at_every_size_up_to_1024():
 
 
 @pytest.mark.parametrize("arch, H, dtype, tier", [
-    (86, 64, torch.float32, "onchip"), (86, 65, torch.float32, "stepwise"), (90, 128, torch.float32, "stepwise"),
-    (80, 128, torch.bfloat16, "onchip"), (90, 128, torch.bfloat16, "onchip"), (86, 128, torch.bfloat16, "stepwise"),
-    (89, 128, torch.float16, "stepwise"), (90, 256, torch.bfloat16, "stepwise"), (80, 1024, torch.float32, "stepwise"),
+    (86, 64, torch.float32, "onchip"), (86, 65, torch.float32, "stepwise"), (90, 128, torch.float32, "onchip"),
+    (80, 128, torch.float32, "onchip"), (86, 128, torch.float32, "stepwise"), (80, 128, torch.bfloat16, "onchip"),
+    (90, 128, torch.bfloat16, "onchip"), (86, 128, torch.bfloat16, "onchip"), (89, 128, torch.float16, "onchip"),
+    (90, 256, torch.bfloat16, "stepwise"), (90, 256, torch.float32, "stepwise"), (80, 1024, torch.float32, "stepwise"),
     (90, 16, torch.float64, "reference"),
 ])
 def test_the_dispatcher_picks_by_the_gpu(arch, H, dtype, tier):

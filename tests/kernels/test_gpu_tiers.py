@@ -378,3 +378,39 @@ def test_replayed_stepwise_graphs_give_the_reference_loop_s_results(monkeypatch)
             assert_close_relative(a, b, "stepwise with CUDA graphs", TOL)
         del ys, y, z, got, want
     assert stepwise.GRAPHS.replays > 0, "the calls' tensors never came back to the same addresses"
+
+
+@pytest.fixture
+def gates_streamed(monkeypatch):
+    """The on-chip tier with its gate blocks read from L2 every step, as where only two blocks fit
+    (float32 H 128 on A100/H100), at any size."""
+    monkeypatch.setattr(onchip, "stream_gates", lambda H, dtype, limit: True)
+    assert kernels.resolve("onchip", DEVICE, 20, torch.float32) == "onchip"
+
+
+@pytest.mark.parametrize("case", CASES + [(3, 18, 48, 2, False, True, 0.3)])  # H 48: chunks of 16 and a padded tile
+def test_onchip_with_streamed_gates_matches_reference(gates_streamed, case):
+    assert_matches("onchip", *case, device=DEVICE, tol=TOL)
+
+
+def test_onchip_with_streamed_gates_per_row_lengths_and_no_bias(gates_streamed):
+    lengths = [3, 6, 1, 2, 5, 4, 6, 1, 2, 3, 5, 4, 2, 1, 3, 5, 4, 2, 3]
+    assert_lengths_match("onchip", 6, len(lengths), 20, 3, lengths, False, True, device=DEVICE, tol=TOL)
+
+
+def test_onchip_with_streamed_gates_under_autocast(gates_streamed):
+    test_autocast("onchip", torch.float16)
+
+
+def test_the_gates_stream_only_where_all_four_blocks_do_not_fit():
+    """float32 H 128 on A100 and H100 (the experiments' default size), half precision H 128 on the
+    RTX cards; the four blocks wherever they fit."""
+    gpus = {80: gpu.GPU(80, 166912), 86: gpu.GPU(86, 101376), 90: gpu.GPU(90, 232448)}
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert onchip.stream_gates(64, f32, gpus[86].shared_memory) is False
+    assert onchip.stream_gates(128, bf16, gpus[80].shared_memory) is False
+    assert onchip.stream_gates(128, f32, gpus[80].shared_memory) is True
+    assert onchip.stream_gates(128, f32, gpus[90].shared_memory) is True
+    assert onchip.stream_gates(128, bf16, gpus[86].shared_memory) is True
+    assert onchip.stream_gates(128, f32, gpus[86].shared_memory) is None
+    assert onchip.stream_gates(256, bf16, gpus[90].shared_memory) is None
