@@ -23,6 +23,9 @@ NOT_HYPERPARAMETERS = RUN_ONLY_FLAGS | {"seed"}  # runs that differ only in thes
 SUMMARY_KEYS = ("experiment", "model", "metric", "status", "test")
 
 
+LATER_FLAGS = {"amp": "none"}  # flags added after some records were written: what those runs had
+
+
 def load_runs(folders):
     """Every run under folders; one whose summary.json or config.json does not parse (or lacks what
     a table needs) is skipped with one line naming the file."""
@@ -45,7 +48,7 @@ def read_record(summary_file):
     if missing or not isinstance(config, dict) or not isinstance(config.get("args", {}), dict):
         damaged = summary_file if missing else config_file
         raise ValueError(f"{damaged.name} is not a whole record" + (f" (it lacks {', '.join(missing)})" if missing else ""))
-    return {"folder": summary_file.parent, "summary": summary, "args": config.get("args", {})}
+    return {"folder": summary_file.parent, "summary": summary, "args": {**LATER_FLAGS, **config.get("args", {})}}
 
 
 def read_json(path):
