@@ -94,11 +94,9 @@ def test_study_killed_mid_trial_resumes_that_trial_and_runs_none_twice(tmp_path,
 
 def test_two_workers_on_one_journal_storage_share_one_study(tmp_path, data_dir):
     journal = tmp_path / "shared.journal"
-    command = tune_command(tmp_path, data_dir, "--trials", 6, "--epochs", 30, "--pruner", "none",
+    command = tune_command(tmp_path, data_dir, "--trials", 6, "--epochs", 60, "--pruner", "none",
                            "--storage", f"journal:{journal}")
-    first = start(command, tmp_path / "a.log")
-    wait_for(lambda: epochs_logged(tmp_path / "lem" / "trial_0"), first, "a first epoch")
-    second = start(command, tmp_path / "b.log")
+    first, second = start(command, tmp_path / "a.log"), start(command, tmp_path / "b.log")  # the same command, twice
     logs = [finish(first, tmp_path / "a.log"), finish(second, tmp_path / "b.log")]
 
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
