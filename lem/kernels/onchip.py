@@ -61,12 +61,37 @@ def _streamed_dot(x_ptr, ld, mask_ptr, b, B, H, w_ptr, row0, zero, HAS_MASK: tl.
 
 
 @triton.jit
+def _load4(ptr, H, ok):
+    """The four (BB, HP) blocks of H columns at ptr, ptr + H, ptr + 2H, ptr + 3H (0 outside ok)."""
+    return (tl.load(ptr, mask=ok, other=0.0), tl.load(ptr + H, mask=ok, other=0.0),
+            tl.load(ptr + 2 * H, mask=ok, other=0.0), tl.load(ptr + 3 * H, mask=ok, other=0.0))
+
+
+@triton.jit
+def _store4(ptr, v0, v1, v2, v3, H, ok):
+    """v0 .. v3 into the four blocks of H columns at ptr (see _load4)."""
+    tl.store(ptr, v0, mask=ok)
+    tl.store(ptr + H, v1, mask=ok)
+    tl.store(ptr + 2 * H, v2, mask=ok)
+    tl.store(ptr + 3 * H, v3, mask=ok)
+
+
+@triton.jit
+def _biases(bias_ptr, j, H):
+    """The summed biases of the four blocks [gate y, gate z, cand z, cand y], each (1, HP)."""
+    jm = j < H
+    return (tl.load(bias_ptr + j, mask=jm, other=0.0)[None, :], tl.load(bias_ptr + H + j, mask=jm, other=0.0)[None, :],
+            tl.load(bias_ptr + 2 * H + j, mask=jm, other=0.0)[None, :],
+            tl.load(bias_ptr + 3 * H + j, mask=jm, other=0.0)[None, :])
+
+
+# _forward: KEEP: zs (T + 1, B, H) and acts are written for backward; else zs is (1, B, H), z_0 in,
+# z_T out. STREAM: the two gate blocks are read from L2 every step (_streamed_dot), their input
+# y_{n-1} read back from ys; only the candidate blocks stay in shared memory.
+@triton.jit
 def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, ys_ptr, zs_ptr, acts_ptr, T, B, H, dt,
              HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, KEEP: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
              STREAM: tl.constexpr, KC: tl.constexpr):
-    # KEEP: zs (T + 1, B, H) and acts are written for backward; else zs is (1, B, H), z_0 in, z_T out.
-    # STREAM: the two gate blocks are read from L2 every step (_streamed_dot), their input y_{n-1}
-    # read back from ys; only the candidate blocks stay in shared memory
     GEMM: tl.constexpr = whh_ptr.dtype.element_ty  # the dtype the products take (float32, or the autocast one)
     b = tl.program_id(0) * BB + tl.arange(0, BB)
     j = tl.arange(0, HP)
@@ -78,11 +103,7 @@ def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, ys_ptr, zs_pt
         w_gz = _block(whh_ptr, H, j, H, True)
     w_cz = _block(whh_ptr, 2 * H, j, H, True)
     w_cy = _block(wtz_ptr, 0, j, H, True)
-    jm = j < H
-    b_gy = tl.load(bias_ptr + j, mask=jm, other=0.0)[None, :]
-    b_gz = tl.load(bias_ptr + H + j, mask=jm, other=0.0)[None, :]
-    b_cz = tl.load(bias_ptr + 2 * H + j, mask=jm, other=0.0)[None, :]
-    b_cy = tl.load(bias_ptr + 3 * H + j, mask=jm, other=0.0)[None, :]
+    b_gy, b_gz, b_cz, b_cy = _biases(bias_ptr, j, H)
     y = tl.load(ys_ptr + bh, mask=ok, other=0.0)
     z = tl.load(zs_ptr + bh, mask=ok, other=0.0)
     if HAS_MASK:
@@ -122,21 +143,18 @@ def _forward(u_ptr, bias_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, ys_ptr, zs_pt
         tl.store(ys_ptr + step + B * H + bh, y, mask=ok)
         if KEEP:
             tl.store(zs_ptr + step + B * H + bh, z, mask=ok)
-            a = acts_ptr + 4 * step + b4
-            tl.store(a, s_y, mask=ok)
-            tl.store(a + H, s_z, mask=ok)
-            tl.store(a + 2 * H, c_z, mask=ok)
-            tl.store(a + 3 * H, c_y, mask=ok)
+            _store4(acts_ptr + 4 * step + b4, s_y, s_z, c_z, c_y, H, ok)
     if not KEEP:
         tl.store(zs_ptr + bh, z, mask=ok)
 
 
+# _backward: gy, gz (B, H): dL/dz_T in gz on entry; dL/dy_0, dL/dz_0 on exit. du = dL/du_proj
+# (T, B, 4H). STREAM as in _forward: the streamed blocks' inputs, d gate y and d gate z, are read
+# back from du.
 @triton.jit
 def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, len_ptr, du_ptr, gy_ptr, gz_ptr, T, B, H,
               dt, HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr,
               STREAM: tl.constexpr, KC: tl.constexpr):
-    # gy, gz (B, H): dL/dz_T in gz on entry; dL/dy_0, dL/dz_0 on exit. du = dL/du_proj (T, B, 4H).
-    # STREAM as in _forward: the streamed blocks' inputs, d gate y and d gate z, are read back from du
     GEMM: tl.constexpr = du_ptr.dtype.element_ty
     b = tl.program_id(0) * BB + tl.arange(0, BB)
     j = tl.arange(0, HP)
@@ -158,11 +176,7 @@ def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, len
     zero = tl.zeros((BB, HP), dtype=tl.float32)  # the streamed products' start
     for i in range(T):
         step = tl.cast(T - 1 - i, tl.int64) * B * H
-        a = acts_ptr + 4 * step + b4
-        s_y = tl.load(a, mask=ok, other=0.0)
-        s_z = tl.load(a + H, mask=ok, other=0.0)
-        c_z = tl.load(a + 2 * H, mask=ok, other=0.0)
-        c_y = tl.load(a + 3 * H, mask=ok, other=0.0)
+        s_y, s_z, c_z, c_y = _load4(acts_ptr + 4 * step + b4, H, ok)
         g = tl.load(gys_ptr + step + bh, mask=ok, other=0.0).to(tl.float32) + gy + (dym * keep if HAS_MASK else dym)
         d_cy = (g * dt * s_y * (1.0 - c_y * c_y)).to(GEMM)
         d_gy = (g * (c_y - tl.load(ys_ptr + step + bh, mask=ok, other=0.0)) * dt * s_y * (1.0 - s_y)).to(GEMM)
@@ -181,11 +195,7 @@ def _backward(gys_ptr, acts_ptr, ys_ptr, zs_ptr, whh_ptr, wtz_ptr, mask_ptr, len
             gz = tl.where(live, gz * (1.0 - dt * s_z), gz)
         else:
             gz = gz * (1.0 - dt * s_z)
-        du = du_ptr + 4 * step + b4
-        tl.store(du, d_gy, mask=ok)
-        tl.store(du + H, d_gz, mask=ok)
-        tl.store(du + 2 * H, d_cz, mask=ok)
-        tl.store(du + 3 * H, d_cy, mask=ok)
+        _store4(du_ptr + 4 * step + b4, d_gy, d_gz, d_cz, d_cy, H, ok)
         if STREAM:
             tl.debug_barrier()  # this step's d u, stored above by every thread of the program, is read back below
             p_gy = _streamed_dot(du_ptr + 4 * step, 4 * H, mask_ptr, b, B, H, whh_ptr, 0, zero, False, False, BB, HP, KC)
