@@ -32,7 +32,11 @@ def test_dry_run_runs_every_step_and_writes_what_comes_back(tmp_path):
     assert list(steps) == ["nvidia-smi", "python", "tests", "bench", "fhn"], done.stdout[-3000:]
     if shutil.which("nvidia-smi") is None:  # a failing first step: recorded, and the others ran all the same
         assert steps["nvidia-smi"][1] == "127" and done.returncode == 1
+    scipy_here = importlib.util.find_spec("scipy") is not None  # the fhn step needs it (the layer-only CI run has none)
     for name in ("python", "tests", "bench", "fhn"):
+        if name == "fhn" and not scipy_here:
+            assert steps[name][1] == "None" and "scipy absent" in steps[name][-1], steps[name]
+            continue
         assert steps[name][1] == "0", (name, (tmp_path / f"{list(steps).index(name) + 1}_{name}.log").read_text()[-3000:])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert all((tmp_path / f).is_file() for f in files) and len(files) <= 8, files  # what the device returns
@@ -41,7 +45,7 @@ def test_dry_run_runs_every_step_and_writes_what_comes_back(tmp_path):
     assert " passed" in logs["tests"] and " failed" not in logs["tests"]
     for row in ("| onchip |", "| stepwise |", "| nn.LSTM |", "| precision |"):
         assert row in logs["bench"]
-    assert "done: rmse on test" in logs["fhn"]
+    assert "done: rmse on test" in logs["fhn"] or not scipy_here
     assert done.stdout.rstrip().endswith(logs["bench"].rstrip())  # the bench tables come last
 
 
