@@ -260,7 +260,9 @@ def _recomputed_grads(ctx, inputs, grad_ys, grad_zs):
     def outputs_of(ys, zs):
         zs = torch.cat([z0[None].float(), zs.float()]) if grad_zs is None or grad_zs.size(0) > 1 else zs[-1:].float()
         return torch.cat([y0[None].float(), ys.float()]), zs
-    with torch.autocast(x.device.type, dtype=ctx.gemm, enabled=ctx.gemm != x.dtype):
+    # under autocast (the GEMM dtype low, the weights float32: x itself may be low from layer 2 on) the
+    # recompute runs its products as the forward did; a low-precision module's are low without it
+    with torch.autocast(x.device.type, dtype=ctx.gemm, enabled=ctx.gemm != ctx.dtypes[1]):
         return reference.recomputed_grads(inputs, ctx.needs_input_grad[2:13], outputs_of, (grad_ys, grad_zs), ctx.dt)
 
 

@@ -415,6 +415,22 @@ def test_low_precision_runs_close_to_float32(backend, dtype, how):
     assert_all_close([ys], [want], f"{backend} in {dtype}", 3e-2 if dtype == torch.bfloat16 else 5e-3)
 
 
+@pytest.mark.parametrize("backend, dtype", list(_low_rows()))
+def test_second_derivatives_and_torch_func_under_autocast(backend, dtype):
+    """Under torch.autocast layer 2 takes a low-precision input from layer 1: the recompute that
+    second derivatives and torch.func go through must run its products as the forward did."""
+    results = []
+    for layer in pair(backend, num_layers=2):
+        x = inputs(backend)[0].detach().requires_grad_()
+        params = dict(layer.named_parameters())
+        with torch.autocast(device_of(backend).type, dtype=dtype):
+            first = torch.autograd.grad(layer(x)[0].float().square().sum(), [x, *params.values()], create_graph=True)
+            second = torch.autograd.grad(sum(g.float().square().sum() for g in first), [x, *params.values()])
+            func = grad(lambda p: functional_call(layer, p, (x,))[0].float().square().sum())(params)
+        results.append([*first, *second, *func.values()])
+    assert_all_close(results[1], results[0], f"{backend} under {dtype} autocast", 5e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
 def test_gpu_tiers_under_the_interpreter():
     """This module's GPU-tier rows on CPU tensors under Triton's interpreter, in a fresh process."""
     if GPU_HERE:
