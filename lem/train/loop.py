@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from .. import checkout
 from ..data import DataError
@@ -311,6 +310,7 @@ def set_learning_rate(run, epoch):
 def train_epoch(run, stop):
     """The batches of the current epoch from state["batch"] on; sets run.status when a NaN loss,
     a stop request or --max-time ends the epoch early."""
+    from tqdm import tqdm  # here, not at the top: lem.train's flag types and the kernels bench need no tqdm
     epoch = run.state["epoch"]
     batches = run.task.train_batches(epoch)
     bar = tqdm(range(run.state["batch"], len(batches)), desc=f"epoch {epoch + 1}/{run.task.num_epochs()}",
