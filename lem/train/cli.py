@@ -144,7 +144,7 @@ def build_parser(task_cls):
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default="auto", choices=kernels.BACKENDS,
                    help="how LEM layers run their time loop (docs/kernels.md)")
-    p.add_argument("--data-dir", default=None, help="data folder (default: $LEM_DATA, else data/ at the repository root)")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $LEM_DATA, else data/ at the root of the checkout, else ./data)")
     p.add_argument("--out-dir", default=None, help="where run folders go (default: <experiment>/results)")
     p.add_argument("--run-name", default=None, help="default: <model>_h<nhid>_seed<seed>")
     p.add_argument("--resume", action="store_true", help="continue the run of the same name from its checkpoint")

@@ -185,7 +185,7 @@ def test_when_every_tier_fails_the_reference_loop_runs(monkeypatch):
 @pytest.mark.parametrize("T, B, H, I", [(20, 32, 16, 1), (20, 8, 32, 6), (20, 128, 128, 1), (20, 128, 256, 1),
                                         (10, 128, 1024, 200)])
 def test_experiment_sizes_run_without_falling_back(T, B, H, I):
-    """FitzHugh-Nagumo, EigenWorms, sMNIST H 128/256, PTB char (lem.bench.CONFIGS), shortened: the tier
+    """FitzHugh-Nagumo, EigenWorms, sMNIST H 128/256, PTB char (lem.tools.bench.CONFIGS), shortened: the tier
     the dispatcher picks must launch (the module's filter turns a fall into an error), in float32 and
     under bfloat16 autocast."""
     torch.manual_seed(0)

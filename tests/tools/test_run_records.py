@@ -1,4 +1,4 @@
-"""The reported runs under docs/runs: the README's results table is what lem.results prints from
+"""The reported runs under docs/runs: the README's results table is what lem.tools.results prints from
 them, they name no folder of the machine that ran them, and a committed run re-runs to its figures."""
 from importlib import import_module
 import json

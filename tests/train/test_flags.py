@@ -112,7 +112,7 @@ def test_a_real_run_reads_every_flag(name, argv, tmp_path, monkeypatch):
                                       "--data-dir", str(tmp_path), "--device", "cpu"])
     assert summary["status"] == "finished" and summary["epochs_done"] == 1
     dests = {a.dest for a in cli.build_parser(task_cls)._actions if a.dest != "help"}
-    # adding draws its data in memory: --data-dir has no files to find (lem.reproduce passes it to every run)
+    # adding draws its data in memory: --data-dir has no files to find (lem.tools.reproduce passes it to every run)
     assert dests - Reads.names == ({"data_dir"} if name == "adding" else set())
 
 
