@@ -6,8 +6,8 @@ Paper: LEM test accuracy 92.3 %, a mean over seeds.
     python eigenworms/train.py --dataset JapaneseVowels      # another dataset, same split
 
 Logits = Linear(y) at each series' own last step (series of unequal length are zero-padded;
-the padding is never read). Valid and test are evaluated in chunks of --eval_batch series (the
-reference: each as one batch; the same figures up to float rounding). Its epoch time:
+the padding is never read). Valid and test are evaluated in chunks sized by memory (Task.eval_chunk;
+the reference: each as one batch; the same figures up to float rounding). Its epoch time:
 `python -m lem.tools.bench epoch eigenworms --synthetic` (docs/timeseries.md).
 """
 import sys

@@ -52,7 +52,7 @@ class Google12(lem.train.Task):
         super().__init__(args, device)
         sha256 = None if args.sha256.lower() == "none" else args.sha256
         splits = self.load(Path(args.data_dir), args.url, sha256, device)
-        # float16 features stay float16 in memory (1.7 GB for training); batches are cast to float32
+        # float16 features stay float16 in memory (half of float32's); batches are cast to float32
         self.keep_splits(splits)
 
     def model_options(self):

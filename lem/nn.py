@@ -318,7 +318,7 @@ class LEM(_LEMBase):
 def _eager_when_compiled(fn):
     """fn, run outside the graph (a graph break) when torch.compile traces it: for padding and
     packing, whose shapes depend on the lengths, data that torch.compile cannot trace. Wrapped only
-    while compiling, so that importing lem does not import torch._dynamo (~2 s)."""
+    while compiling, so that importing lem does not import torch._dynamo (seconds: docs/kernels.md)."""
     def run(*args):
         return torch.compiler.disable(fn)(*args) if torch.compiler.is_compiling() else fn(*args)
     return run

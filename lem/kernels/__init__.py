@@ -93,7 +93,7 @@ def resolve(name, device, hidden_size=1, dtype=torch.float32, gpu=None):
 # (the device, size and dtype it depends on are guarded by the graph anyway; a tier that fails later
 # is left by the GPU operator itself, inside the graph), instead of tracing the build, the GPU query
 # and the tier tables. This is what torch.compiler.assume_constant_result(resolve) does, without
-# importing torch._dynamo with lem (~2 s); tests/layer/test_compile.py checks that it still is.
+# importing torch._dynamo with lem (seconds: docs/kernels.md); tests/layer/test_compile.py checks that it still is.
 resolve._dynamo_marked_constant = True
 
 

@@ -24,7 +24,7 @@ from . import backward_can_follow, gemm_dtype, reference
 SOURCE = Path(__file__).with_name("lem_cpu.cpp")
 BUILD_DIR = None  # None: torch's cache ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<python>_<cuda>)
 _module = None
-STALE_LOCK_S = 15 * 60  # a build takes ~1.5 min on 2 cores
+STALE_LOCK_S = 15 * 60  # a build takes minutes (docs/kernels.md): a lock this old was left by a killed one
 
 
 class BuildError(RuntimeError):
@@ -33,7 +33,7 @@ class BuildError(RuntimeError):
 
 def load():
     """The compiled extension: the one built before for this source, these flags, this torch and
-    this Python, else built now (~1-2 min, announced on stderr). Raises BuildError (or whatever
+    this Python, else built now (announced on stderr, with its time when done). Raises BuildError (or whatever
     stopped the build) when it cannot be had: the caller falls back."""
     global _module
     if _module is None:
@@ -112,7 +112,7 @@ def _write_build_log(folder, error):
 
 def _import_built(name, folder):
     """The extension built earlier under this name, imported without cpp_extension.load, which runs
-    ninja and takes its build lock (~1.4 s of every run's start); None when there is none to import."""
+    ninja and takes its build lock (a second or more of every run's start, docs/kernels.md); None when there is none to import."""
     path = Path(folder) / f"{name}.so"
     if not path.exists():
         return None
@@ -235,7 +235,7 @@ cpu_forward.register_autograd(_backward_with(cpu_backward), setup_context=_setup
 
 class _EagerForward(torch.autograd.Function):
     """cpu_forward and its autograd formula without the operator around them, for calls outside
-    torch.compile: calling a custom operator imports torch._dynamo (~1.5 s, once per process)."""
+    torch.compile: calling a custom operator imports torch._dynamo (seconds, once per process: docs/kernels.md)."""
     forward = staticmethod(_forward)
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward_with(_backward))

@@ -44,9 +44,8 @@ namespace {
 constexpr int64_t kRowwiseMaxH = 64;  // up to this H the per-row strategy beats per-step GEMMs
 
 // Flush-to-zero and denormals-are-zero for the calling thread while alive. Gradients through long
-// sequences decay into denormal floats (below 1.2e-38), which x86 handles ~100x slower: a backward
-// with the loss on the last step only (sMNIST) took 4.6x longer without this. Results change only
-// for values below 1.2e-38.
+// sequences decay into denormal floats (below 1.2e-38), on which x86 arithmetic is many times slower
+// (measured in docs/kernels.md). Results change only for values below 1.2e-38.
 struct FlushDenormals {
 #if defined(__SSE2__)
   unsigned csr = _mm_getcsr();
@@ -152,7 +151,7 @@ inline float tanh_(float x) { return 2.0f / (1.0f + exp_(-2.0f * x)) - 1.0f; }
 inline double tanh_(double x) { return std::tanh(x); }
 
 // float32 rounded to bfloat16 (to nearest even; a NaN stays a NaN) and back, in integer arithmetic
-// that the loops vectorise (ATen's dtype-converting copy_ took ~1 ms per (128, 1024) step here)
+// that the loops vectorise (ATen's dtype-converting copy_ was slower: docs/kernels.md, low precision)
 inline c10::BFloat16 round_to_low(float v, c10::BFloat16*) {
   const uint32_t u = __builtin_bit_cast(uint32_t, v);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
@@ -391,8 +390,21 @@ template <typename F> inline void with_fixed_h(int64_t H, const F& f) {
   }
 }
 
+// rows(R, b0) for every block of R rows of the forward: blocks of 8 rows run faster than blocks of 4
+// (more independent FMA chains per weight load, docs/kernels.md) when there are enough of them to keep
+// every thread busy, else blocks of 4; leftover rows one by one. Every row's arithmetic is the same.
+template <typename F> void forward_row_blocks(int64_t B, int64_t work_per_row, const F& rows) {
+  auto blocks_of = [&](auto r_const) {
+    for_row_blocks<decltype(r_const)::value>(B, work_per_row, [&](int64_t b0, bool full) {
+      if (full) rows(r_const, b0); else rows(std::integral_constant<int, 1>{}, b0);
+    });
+  };
+  if (B >= 8 * at::get_num_threads()) blocks_of(std::integral_constant<int, 8>{});
+  else blocks_of(std::integral_constant<int, 4>{});
+}
+
 // The per-row strategy (H <= kRowwiseMaxH). HC > 0 fixes H at compile time: with known trip
-// counts the tiny inner loops unroll and vectorise fully (3x faster at H = 16); HC = 0 is any H.
+// counts the tiny inner loops unroll and vectorise fully (docs/kernels.md); HC = 0 is any H.
 // win_t (I, 4H), whh_t (H, 3H) and wtz_t (H, H) are the transposed weights. Each step's input
 // projection is computed here for the R rows (in k order, so it has the bits of one big GEMM), so
 // nothing of size T·B·4H is written or read.
@@ -446,18 +458,7 @@ void forward_rows(Sizes s, const Forward<T>& f, const T* win_t, const T* whh_t, 
     }
     if (!f.zs) std::memcpy(f.z_tmp + b0 * H, zp, R * H * sizeof(T));  // z_T of these rows
   };
-  // Blocks of 8 rows run faster than blocks of 4 (more independent FMA chains per weight load: ~10 %
-  // at H = 16, 32, 64, one thread) when there are enough of them to keep every thread busy. Every
-  // row's arithmetic is the same in either.
-  if (B >= 8 * at::get_num_threads()) {
-    for_row_blocks<8>(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
-      if (full) rows(std::integral_constant<int, 8>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
-    });
-  } else {
-    for_row_blocks<4>(B, Tn * 8 * H * H, [&](int64_t b0, bool full) {
-      if (full) rows(std::integral_constant<int, 4>{}, b0); else rows(std::integral_constant<int, 1>{}, b0);
-    });
-  }
+  forward_row_blocks(B, Tn * 8 * H * H, rows);
 }
 
 // The per-step GEMM strategy (H > kRowwiseMaxH): the GEMMs write into (B, ·) scratch that stays in cache.
@@ -749,8 +750,7 @@ bool mixed_precision(const c10::optional<at::ScalarType>& gemm) { return gemm.ha
 
 // The weight gradients under mixed precision: lem_backward's GEMMs over all T·B rows with their inputs
 // rounded to the products' dtype `low` (as autocast's backward of nn.Linear takes them), each oriented
-// as oneDNN's bfloat16 kernels run it fastest (d u_proj^T on the left: ~200 vs ~270 ms at PTB char
-// size), widened to float32. Returns d x (empty unless needs_dx), d w_in, d w_hh, d w_tz.
+// as oneDNN's bfloat16 kernels run it fastest (d u_proj^T on the left), widened to float32. Returns d x (empty unless needs_dx), d w_in, d w_hh, d w_tz.
 std::vector<at::Tensor> weight_grads_low(const at::Tensor& d_u, const at::Tensor& x, const at::Tensor& w_in,
                                          const at::Tensor& y0, const at::Tensor& ys, const at::Tensor& zs,
                                          const at::Tensor& mask, at::ScalarType low, bool needs_dx) {
@@ -767,8 +767,7 @@ std::vector<at::Tensor> weight_grads_low(const at::Tensor& d_u, const at::Tensor
 }
 
 // The weight gradients in the loop's dtype: GEMMs over all T·B rows, formed transposed ((y_{n-1} ⊙ mask)^T
-// dA is the faster orientation for MKL's long-K products: ~125 vs ~165 ms at sMNIST size). Returns as
-// weight_grads_low.
+// dA is the faster orientation for MKL's long-K products, docs/kernels.md). Returns as weight_grads_low.
 std::vector<at::Tensor> weight_grads(const at::Tensor& d_u, const at::Tensor& x, const at::Tensor& w_in,
                                      const at::Tensor& y0, const at::Tensor& ys, const at::Tensor& zs,
                                      const at::Tensor& mask, bool needs_dx) {
@@ -818,6 +817,12 @@ void check(const at::Tensor& t, int64_t width, const at::Tensor& y0, const char*
 
 }  // namespace
 
+// The weight as lem_forward's products took it under mixed precision: rounded to `low`, and for the
+// per-row strategy's float32 products widened back.
+at::Tensor rounded_weight(const at::Tensor& w, at::ScalarType low, bool rowwise) {
+  return rowwise ? w.to(low).to(at::kFloat) : w.to(low);
+}
+
 // x (T, B, I), w_in (4H, I), the biases b_in (4H), b_hh (3H), b_tz (H) or none, lengths (B,) or none.
 // Returns ys (T, B, H), z_T (B, H) and, when keep (for a backward), zs (T, B, H) and the activations
 // acts (T, B, 4H), else two empty tensors in their place. keep changes only where z_n and the
@@ -844,8 +849,7 @@ std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, c10::optional
   // the transposed weights as the products take them
   auto product_weight = [&](const at::Tensor& w) {
     if (!mixed) return rowwise ? w.t().contiguous() : w.contiguous().t();
-    const at::Tensor low = w.to(*gemm);
-    return rowwise ? low.to(at::kFloat).t().contiguous() : low.t().contiguous();
+    return rounded_weight(w, *gemm, rowwise).t().contiguous();
   };
   const at::Tensor w_in_t = product_weight(w_in), w_hh_t = product_weight(w_hh), w_tz_t = product_weight(w_tz);
   x = (mixed ? x.to(rowwise ? at::kFloat : *gemm) : x).contiguous();
@@ -888,6 +892,14 @@ std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, c10::optional
   return {ys, zs[last].clone(), at::empty({0}, opt), at::empty({0}, opt)};
 }
 
+// The gradient of ys as a dense copy in a cached buffer (the gradient of ys.sum(), say, comes as an
+// expanded view), zeros where none reached ys.
+at::Tensor dense_or_zeros(const c10::optional<at::Tensor>& g, at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  at::Tensor out = empty_large(sizes, opt);
+  if (g.has_value() && g->defined()) out.copy_(*g); else out.zero_();
+  return out;
+}
+
 // grad_ys and grad_zT may be undefined (no gradient reached them: zero). Returns d x (empty unless
 // needs_dx), d w_in, d b_in, d y0, d z0, d w_hh, d b_hh, d w_tz, d b_tz, each in the dtype of what it is
 // the gradient of (a bias in its weight's). gemm: as lem_forward's (acts, ys, zs are then float32); the
@@ -907,16 +919,11 @@ std::vector<at::Tensor> lem_backward(c10::optional<at::Tensor> grad_ys_opt, c10:
   const int64_t T = acts.size(0), B = acts.size(1), H = y0.size(1);
   const Sizes s{T, B, H};
   const bool rowwise = H <= kRowwiseMaxH;
-  if (mixed) {  // the weights as lem_forward's products took them
-    w_hh = rowwise ? w_hh.to(*gemm).to(at::kFloat) : w_hh.to(*gemm);
-    w_tz = rowwise ? w_tz.to(*gemm).to(at::kFloat) : w_tz.to(*gemm);
-  }
+  if (mixed) w_hh = rounded_weight(w_hh, *gemm, rowwise), w_tz = rounded_weight(w_tz, *gemm, rowwise);
   const at::Tensor mask = opt_mask(mask_opt, opt);
   const at::Tensor len = opt_lengths(lengths_opt, T, B);
   FlushDenormals ftz;
-  // a dense copy in a cached buffer (the gradient of ys.sum(), say, comes as an expanded view)
-  at::Tensor grad_ys = empty_large({T, B, H}, opt);
-  if (grad_ys_opt.has_value() && grad_ys_opt->defined()) grad_ys.copy_(*grad_ys_opt); else grad_ys.zero_();
+  const at::Tensor grad_ys = dense_or_zeros(grad_ys_opt, {T, B, H}, opt);
   at::Tensor g_y = at::zeros({B, H}, opt);
   at::Tensor g_z = grad_zT.has_value() && grad_zT->defined() ? grad_zT->to(opt).contiguous().clone() : at::zeros({B, H}, opt);
   // the loop writes every gradient of u_proj straight into its place: [gate y, gate z, cand y (dQ), cand z]

@@ -188,8 +188,8 @@ def make_task(task_cls, args):
     """The Task of a run, made as for training: denormals flushed, RNGs seeded, its data read once
     per file system (under torchrun). Data missing or corrupt (DataError): its message, exit 1."""
     device = pick_device(args.device)
-    # Gradients through long sequences decay into denormal floats, which slow CPU matmuls ~10x
-    # (sMNIST/nCIFAR backward); flushing them (|x| < 1.2e-38) to zero is harmless for training.
+    # Gradients through long sequences decay into denormal floats, which slow CPU matmuls many times
+    # (sMNIST/nCIFAR backward, README); flushing them (|x| < 1.2e-38) to zero is harmless for training.
     torch.set_flush_denormal(True)
     seed_everything(args.seed)
     try:

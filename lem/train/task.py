@@ -87,8 +87,8 @@ class Task:
 
     def eval_chunk(self, steps):
         """Series per evaluation call: as many as keep the recurrent layer's outputs (steps x series x
-        nhid float32) under EVAL_BYTES. With two threads on a shared CPU, four FitzHugh-Nagumo calls of
-        256 test series took twice as long as one of 1024 (docs/kernels.md)."""
+        nhid float32) under EVAL_BYTES: few large calls, which run faster than many small ones
+        (docs/kernels.md), in bounded memory."""
         return max(1, EVAL_BYTES // (steps * self.args.nhid * 4))
 
     def keep_splits(self, splits):
