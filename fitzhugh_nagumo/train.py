@@ -27,15 +27,7 @@ class FitzHughNagumo(lem.train.Task):
     defaults = dict(nhid=16, batch=32, lr=0.00904, dt=1.0, epochs=400, seed=1234)
     input_size, output_size, head = 1, 1, "every"
 
-    @staticmethod
-    def search_space(trial, model):
-        """python -m lem.tools.tune's search (docs/tuning.md): lr log-uniform around the paper's
-        0.00904, batch 16-64, LEM's Δt log-uniform around the paper's 1.0; no clip (the paper has none)."""
-        space = {"lr": trial.suggest_float("lr", 1e-3, 5e-2, log=True),
-                 "batch": trial.suggest_categorical("batch", [16, 32, 64])}
-        if model == "lem":
-            space["dt"] = trial.suggest_float("dt", 0.1, 2.0, log=True)
-        return space
+    search = dict(lr=(1e-3, 5e-2), batch=(16, 32, 64), dt=(0.1, 2.0))  # around the paper's; no clip (it has none)
 
     @staticmethod
     def add_arguments(parser):

@@ -31,6 +31,8 @@ class Task:
     head = "last"             # RNNModel's head: 'last' (y_T) or 'every' (y_n at every step)
     tune_split = "valid"      # the split python -m lem.tools.tune selects on (docs/tuning.md); never
                               # "test" unless the experiment's docstring says why that is sound
+    search = {}               # python -m lem.tools.tune's ranges where search_space's defaults do not fit:
+                              # lr, dt, grad_norm: (low, high) log-uniform; batch: the sizes to choose from
 
     @staticmethod
     def add_arguments(parser):
@@ -46,17 +48,20 @@ class Task:
     @classmethod
     def search_space(cls, trial, model):
         """What python -m lem.tools.tune searches for `model`: {flag dest: value}, each value drawn
-        with trial.suggest_* (docs/tuning.md). Default: lr log-uniform within 5x of the paper's;
-        for LEM, Δt log-uniform from a tenth to twice the paper's; batch half, same or double the
-        paper's; where the paper clips, the clip log-uniform within 5x of its value."""
+        with trial.suggest_* (docs/tuning.md), in the ranges of `search`, else: lr log-uniform within
+        5x of the paper's; batch half, same or double the paper's; for LEM, Δt log-uniform from a
+        tenth to twice the paper's; where the paper clips, the clip log-uniform within 5x of its value."""
         from .cli import COMMON_DEFAULTS
         d = {**COMMON_DEFAULTS, **cls.defaults}
-        space = {"lr": trial.suggest_float("lr", d["lr"] / 5, d["lr"] * 5, log=True),
-                 "batch": trial.suggest_categorical("batch", sorted({max(1, d["batch"] // 2), d["batch"], 2 * d["batch"]}))}
+        ranges = {"lr": (d["lr"] / 5, d["lr"] * 5), "batch": sorted({max(1, d["batch"] // 2), d["batch"], 2 * d["batch"]}),
+                  "dt": (d["dt"] / 10, d["dt"] * 2),
+                  "grad_norm": (d["grad_norm"] / 5, d["grad_norm"] * 5) if d["grad_norm"] else None, **cls.search}
+        space = {"lr": trial.suggest_float("lr", *ranges["lr"], log=True),
+                 "batch": trial.suggest_categorical("batch", list(ranges["batch"]))}
         if model == "lem":
-            space["dt"] = trial.suggest_float("dt", d["dt"] / 10, d["dt"] * 2, log=True)
-        if d["grad_norm"]:
-            space["grad_norm"] = trial.suggest_float("grad_norm", d["grad_norm"] / 5, d["grad_norm"] * 5, log=True)
+            space["dt"] = trial.suggest_float("dt", *ranges["dt"], log=True)
+        if ranges["grad_norm"]:
+            space["grad_norm"] = trial.suggest_float("grad_norm", *ranges["grad_norm"], log=True)
         return space
 
     def __init__(self, args, device):

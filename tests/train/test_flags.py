@@ -124,3 +124,20 @@ def test_every_layer_takes_the_backend_flag_and_defaults_name_flags():
     misspelt = type("Misspelt", (adding,), {"defaults": {**adding.defaults, "grad_nrom": 1.0}})
     with pytest.raises(TypeError, match="grad_nrom"):
         cli.build_parser(misspelt)
+    misspelt = type("Misspelt", (adding,), {"search": {**adding.search, "bacth": (8, 16)}})
+    with pytest.raises(TypeError, match="bacth"):
+        cli.build_parser(misspelt)
+
+
+def test_declared_search_ranges_draw_what_the_hand_written_spaces_drew():
+    """FitzHugh-Nagumo's and adding's `search` give the search spaces their studies under docs/runs
+    were drawn from (lr, batch, then Δt for LEM), so those studies re-run as recorded."""
+    optuna = pytest.importorskip("optuna")
+    for name, want in [("fitzhugh_nagumo", {"lr": (1e-3, 5e-2), "batch": (16, 32, 64), "dt": (0.1, 2.0)}),
+                       ("adding", {"lr": (5e-4, 1e-2), "batch": (25, 50, 100), "dt": (0.005, 0.1)})]:
+        trial = optuna.create_study().ask()
+        experiments.task_class(name).search_space(trial, "lem")
+        d = trial.distributions
+        assert list(d) == ["lr", "batch", "dt"] and d["lr"].log and d["dt"].log
+        assert ((d["lr"].low, d["lr"].high), tuple(d["batch"].choices), (d["dt"].low, d["dt"].high)) == \
+            (want["lr"], want["batch"], want["dt"])
