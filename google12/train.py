@@ -13,8 +13,6 @@ import re
 import sys
 from pathlib import Path
 
-import torch.nn.functional as F
-
 if __package__ in (None, ""):  # run as a script (python google12/train.py): the checkout first on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,10 +31,8 @@ def sha256_or_none(text):
 sha256_or_none.__name__ = "sha256"
 
 
-class Google12(lem.train.Task):
+class Google12(lem.train.ClassificationTask):
     name = "google12"
-    metric = "accuracy"
-    higher_is_better = True
     paper = 95.7
     defaults = dict(nhid=128, batch=100, lr=0.00089, dt=1.0, epochs=60, lr_decay_epoch=50, seed=5544)
     load, synthetic = staticmethod(load_splits), staticmethod(synthetic_splits)
@@ -58,20 +54,8 @@ class Google12(lem.train.Task):
     def model_options(self):
         return {"input_dropout": self.args.drop}
 
-    def inputs(self, x):
-        return x.float().transpose(0, 1)  # (B, 126, 80) → time-first (126, B, 80)
-
-    def loss(self, model, idx):
-        x, y = self.splits["train"]
-        idx = idx.to(self.device)
-        return F.cross_entropy(model(self.inputs(x[idx])), y[idx])
-
-    def evaluate(self, model, split):
-        x, y = self.splits[split]
-        chunk = self.eval_chunk(x.size(1))
-        correct = sum((model(self.inputs(xb)).argmax(-1) == yb).sum().item()
-                      for xb, yb in zip(x.split(chunk), y.split(chunk)))
-        return {"accuracy": 100.0 * correct / len(y)}
+    def sequences(self, x):
+        return x.float().transpose(0, 1)  # (B, 126, 80) float16 → time-first (126, B, 80) float32
 
 
 if __name__ == "__main__":

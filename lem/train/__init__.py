@@ -2,6 +2,6 @@
 from .cli import at_least, non_negative, positive, probability
 from .distributed import share
 from .loop import run
-from .task import Task, batches_in_order, shuffled_batches
+from .task import ClassificationTask, Task, batches_in_order, shuffled_batches
 
-__all__ = ["Task", "run", "shuffled_batches", "batches_in_order", "share", "at_least", "positive", "non_negative", "probability"]
+__all__ = ["Task", "ClassificationTask", "run", "shuffled_batches", "batches_in_order", "share", "at_least", "positive", "non_negative", "probability"]

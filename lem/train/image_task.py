@@ -5,20 +5,16 @@ Each dataset is decoded once (lem/data/images.py) into uint8 tensors that stay o
 a batch is an index tensor, and its pixel sequences (T, B, I) are built on the device when the
 batch is used (`ImageTask.sequences`). There is no DataLoader and no per-item transform.
 """
-import torch.nn.functional as F
-
 from ..data.images import split_train_valid
 from .cli import at_least
-from .task import Task
+from .task import ClassificationTask
 
 
-class ImageTask(Task):
+class ImageTask(ClassificationTask):
     """A subclass states `load(root)` (lem.images.load_mnist / load_cifar10, with `synthetic` the
     matching stand-in), `input_size`, `sequences(images)` (uint8 batch -> float (T, B, input_size)
     on the device) and its defaults."""
 
-    metric = "accuracy"          # in %
-    higher_is_better = True
     output_size = 10
     valid_size = None            # the size of the validation part cut from the training set (docs/paper.md §3.6-3.8)
 
@@ -27,9 +23,6 @@ class ImageTask(Task):
         parser.add_argument("--valid-size", type=at_least(1), default=cls.valid_size,
                             help="images of the training set held out for validation")
 
-    def sequences(self, images):
-        raise NotImplementedError
-
     def __init__(self, args, device):
         super().__init__(args, device)
         data = self.load(args.data_dir)
@@ -37,18 +30,3 @@ class ImageTask(Task):
         train, valid = split_train_valid(len(images), args.valid_size, args.seed)
         self.keep_splits({"train": (images[train], labels[train]), "valid": (images[valid], labels[valid]),
                           "test": data["test"]})
-
-    def loss(self, model, idx):
-        images, labels = self.splits["train"]
-        idx = idx.to(self.device)
-        return F.cross_entropy(model(self.sequences(images[idx])), labels[idx])
-
-    def evaluate(self, model, split):
-        images, labels = self.splits[split]
-        correct, loss = 0, 0.0
-        chunk = self.eval_chunk(self.sequences(images[:1]).size(0))
-        for x, y in zip(images.split(chunk), labels.split(chunk)):
-            logits = model(self.sequences(x))
-            correct += (logits.argmax(-1) == y).sum().item()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-        return {"accuracy": 100.0 * correct / len(labels), "loss": loss / len(labels)}

@@ -5,6 +5,7 @@ into epochs; each epoch is a list of cheap batch keys (index tensors, seeds) fix
 alone, so a resumed run replays exactly the batches it would have seen.
 """
 import torch
+import torch.nn.functional as F
 
 from ..nn import RNNModel
 
@@ -131,6 +132,34 @@ class Task:
     def start(self, run_dir):
         """Called with the run folder before training (and on --resume): files a run needs
         beside its logs go there, e.g. psMNIST's permutation."""
+
+
+class ClassificationTask(Task):
+    """A task whose splits are (samples, labels) with one class per sample, kept on the device: a
+    batch of samples becomes the model's input (T, B, ·) by `sequences(samples)`, its last state is
+    classified; trained on cross-entropy, selected on accuracy (%), the mean loss logged beside it.
+    The image experiments (image_task.py) and Google12 state their data and `sequences`."""
+
+    metric = "accuracy"
+    higher_is_better = True
+
+    def sequences(self, samples):
+        raise NotImplementedError
+
+    def loss(self, model, idx):
+        samples, labels = self.splits["train"]
+        idx = idx.to(self.device)
+        return F.cross_entropy(model(self.sequences(samples[idx])), labels[idx])
+
+    def evaluate(self, model, split):
+        samples, labels = self.splits[split]
+        correct, loss = 0, 0.0
+        chunk = self.eval_chunk(self.sequences(samples[:1]).size(0))
+        for x, y in zip(samples.split(chunk), labels.split(chunk)):
+            logits = model(self.sequences(x))
+            correct += (logits.argmax(-1) == y).sum().item()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+        return {"accuracy": 100.0 * correct / len(labels), "loss": loss / len(labels)}
 
 
 def activation_bytes(steps, batch, nhid):
