@@ -54,7 +54,8 @@ class Adding(lem.train.Task):
     @classmethod
     def memory_needs(cls, args):
         T, floats = args.seq_length, 2 * 4  # (T, B, 2) float32 inputs
-        return {"--seq-length x --test-size (the test set)": T * args.test_size * floats,
+        return {**super().memory_needs(args),
+                "--seq-length x --test-size (the test set)": T * args.test_size * floats,
                 "--seq-length x --batch (a training batch)": T * args.batch * floats,
                 "--seq-length x --batch x --nhid (a training step's states)": activation_bytes(T, args.batch, args.nhid)}
 

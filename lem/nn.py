@@ -76,11 +76,18 @@ class _LEMBase(nn.Module):
         self.input_size, self.hidden_size, self.bias, self.dt = input_size, hidden_size, bias, float(dt)
 
     def _add_linears(self, suffix, input_size, factory):
-        """inp2hid, hid2hid, transform_z (the layout table of docs/paper.md §1); bias=False: no bias in any."""
+        """inp2hid, hid2hid, transform_z (the layout table of docs/paper.md §1); bias=False: no bias in any.
+        Out of memory: the error names the Linear and its size."""
         H = self.hidden_size
-        setattr(self, f"inp2hid{suffix}", nn.Linear(input_size, 4 * H, self.bias, **factory))
-        setattr(self, f"hid2hid{suffix}", nn.Linear(H, 3 * H, self.bias, **factory))
-        setattr(self, f"transform_z{suffix}", nn.Linear(H, H, self.bias, **factory))
+        for name, (n_in, n_out) in {"inp2hid": (input_size, 4 * H), "hid2hid": (H, 3 * H), "transform_z": (H, H)}.items():
+            try:
+                setattr(self, f"{name}{suffix}", nn.Linear(n_in, n_out, self.bias, **factory))
+            except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; on CPU the allocator's RuntimeError
+                if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                    raise
+                size = n_in * n_out * (factory.get("dtype") or torch.get_default_dtype()).itemsize
+                raise type(e)(f"{type(self).__name__}(hidden_size={H}): out of memory making {name}{suffix} = "
+                              f"Linear({n_in}, {n_out}), a weight of {size / 2**30:.3g} GiB ({e})") from e
 
     def _linears(self, suffix=""):
         return tuple(getattr(self, f"{name}{suffix}") for name in ("inp2hid", "hid2hid", "transform_z"))

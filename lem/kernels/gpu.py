@@ -8,9 +8,9 @@ both tiers share (docs/kernels.md).
 
 Both tiers take the same buffers, so either backward can follow either forward:
     u      (T, B, 4H)   the input projection x W_inᵀ of all steps, one GEMM before the loop, with the
-                        gate/candidate blocks as [gate y, gate z, cand z, cand y]: the first 3H are
-                        hid2hid's rows, the last H transform_z's (inp2hid's own order swaps the two
-                        candidates); all biases are summed into one float32 (4H) vector
+                        blocks in reference.GPU_BLOCKS order [gate y, gate z, cand z, cand y]: the
+                        first 3H are hid2hid's rows, the last H transform_z's (inp2hid's rows are
+                        reordered to it); all biases are summed into one float32 (4H) vector
     ys, zs (T + 1, B, H) float32, y_0 and z_0 as step 0
     acts   (T, B, 4H)   float32 σ(gate y), σ(gate z), tanh(cand z), tanh(cand y) of every step: what
                         the derivatives need (as the CPU path keeps), so backward computes no exp/tanh
@@ -130,17 +130,20 @@ def _raise_if_the_device_failed(device):
         torch.cuda.synchronize(device)
 
 
-def _swap_candidates(t):
-    """[gate y, gate z, cand y, cand z] blocks along dim 0 <-> [gate y, gate z, cand z, cand y]."""
-    g_y, g_z, c_1, c_2 = t.chunk(4)
-    return torch.cat([g_y, g_z, c_2, c_1])
+def _to_gpu_order(t):
+    """inp2hid's rows (or their gradient) in the tiers' order of blocks (reference.GPU_BLOCKS)."""
+    return reference.reorder(t, reference.INP2HID_BLOCKS, reference.GPU_BLOCKS)
+
+
+def _to_inp2hid_order(t):
+    return reference.reorder(t, reference.GPU_BLOCKS, reference.INP2HID_BLOCKS)
 
 
 def _bias(b_in, b_hh, b_tz, H, like):
     """All biases summed in the tiers' order, float32 (4H); zeros for a layer without biases."""
     if b_in is None:
         return like.new_zeros(4 * H, dtype=torch.float32)
-    return (_swap_candidates(b_in) + torch.cat([b_hh, b_tz])).float()
+    return (_to_gpu_order(b_in) + torch.cat([b_hh, b_tz])).float()
 
 
 def forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, lengths, dt, keep):
@@ -148,7 +151,7 @@ def forward(tier, gemm, x, w_in, b_in, y0, z0, w_hh, b_hh, w_tz, b_tz, mask, len
     holding z_T and acts is None. A plain function of tensors, one tier: gpu_forward wraps it."""
     T, B, I = x.shape
     H = y0.size(1)
-    u = torch.mm(x.reshape(T * B, I).to(gemm), _swap_candidates(w_in).to(gemm).t()).view(T, B, 4 * H)
+    u = torch.mm(x.reshape(T * B, I).to(gemm), _to_gpu_order(w_in).to(gemm).t()).view(T, B, 4 * H)
     ys = y0.new_empty(T + 1, B, H, dtype=torch.float32)
     zs = y0.new_empty(T + 1 if keep else 1, B, H, dtype=torch.float32)
     ys[0], zs[0] = y0, z0
@@ -174,10 +177,10 @@ def backward(tier, gemm, grad_ys, grad_zT, acts, ys, zs, x, w_in, w_hh, w_tz, ma
     ym = (ys[:-1] if mask is None else ys[:-1] * mask).to(gemm).view(T * B, H)  # y_{n-1} ⊙ mask
     d_whh = du2[:, :3 * H].t() @ ym
     d_wtz = du2[:, 3 * H:].t() @ zs[1:].to(gemm).view(T * B, H)
-    d_win = _swap_candidates(du2.t() @ x2)
-    d_x = (du2 @ _swap_candidates(w_in).to(gemm)).view(x.shape) if needs_dx else None
+    d_win = _to_inp2hid_order(du2.t() @ x2)
+    d_x = (du2 @ _to_gpu_order(w_in).to(gemm)).view(x.shape) if needs_dx else None
     d_b = du2.sum(0, dtype=torch.float32)  # every bias gets the column sums of d u
-    return d_x, d_win, _swap_candidates(d_b), gy, gz, d_whh, d_b[:3 * H].clone(), d_wtz, d_b[3 * H:].clone()
+    return d_x, d_win, _to_inp2hid_order(d_b), gy, gz, d_whh, d_b[:3 * H].clone(), d_wtz, d_b[3 * H:].clone()
 
 
 def _float(mask):

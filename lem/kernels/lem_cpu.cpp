@@ -13,8 +13,9 @@
 // (one product back through transform_z and one through hid2hid per step) and then forms the weight
 // gradients as GEMMs over all T·B rows. The bias gradients are summed inside the loop.
 //
-// Layouts (chunks of H): inp2hid (4H) and the saved activations = [gate y, gate z, cand y, cand z];
-// hid2hid (3H) = [gate y, gate z, cand z]; transform_z (H) = cand y.
+// Layouts (chunks of H, the table in lem/kernels/reference.py): inp2hid (4H), the saved activations and
+// d u_proj = INP2HID_BLOCKS [gate y, gate z, cand y, cand z]; hid2hid (3H) = [gate y, gate z, cand z];
+// transform_z (H) = cand y.
 //
 // Per-row lengths (a PackedSequence, lem/nn.py): row b runs lengths[b] steps; after them its y and
 // z stay as they are (the outputs repeat y), its activations are not computed, and in backward

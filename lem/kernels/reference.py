@@ -8,13 +8,29 @@ for second derivatives (the backward itself differentiated) and under torch.func
 import torch
 import torch.nn.functional as F
 
+# The H-blocks of the pre-activations (docs/paper.md §1), by who lays them out how. inp2hid's 4H rows
+# keep the reference code's order, which the layer, lem_step below and the C++ kernel (its saved
+# activations and d u_proj too) use; hid2hid's 3H rows and transform_z's H are that order less the
+# block the other one holds. The GPU tiers' (T, B, 4H) buffers put hid2hid's blocks first and
+# transform_z's last, so that one product's output lines up with one contiguous part of them.
+INP2HID_BLOCKS = ("gate y", "gate z", "cand y", "cand z")
+HID2HID_BLOCKS = ("gate y", "gate z", "cand z")
+TRANSFORM_Z_BLOCKS = ("cand y",)
+GPU_BLOCKS = HID2HID_BLOCKS + TRANSFORM_Z_BLOCKS
+
+
+def reorder(t, source, target):
+    """t (4H, ...) or (4H,) with its four H-blocks along dim 0 in the order `source`, in the order `target`."""
+    blocks = dict(zip(source, t.chunk(4)))
+    return torch.cat([blocks[name] for name in target])
+
 
 def lem_step(u_proj, y, z, hid2hid, transform_z, dt, y_mask=None):
     """One LEM step. u_proj = inp2hid(u_n), already computed for all steps at once; hid2hid and
     transform_z are callables (the layer's nn.Linear modules, or `linear` of their weights).
     y_mask: optional state-dropout mask on y_{n-1} where it enters the recurrent weights."""
-    u_gate_y, u_gate_z, u_cand_y, u_cand_z = u_proj.chunk(4, -1)
-    h_gate_y, h_gate_z, h_cand_z = hid2hid(y if y_mask is None else y * y_mask).chunk(3, -1)
+    u_gate_y, u_gate_z, u_cand_y, u_cand_z = u_proj.chunk(4, -1)  # INP2HID_BLOCKS
+    h_gate_y, h_gate_z, h_cand_z = hid2hid(y if y_mask is None else y * y_mask).chunk(3, -1)  # HID2HID_BLOCKS
     dt_y = dt * torch.sigmoid(u_gate_y + h_gate_y)
     dt_z = dt * torch.sigmoid(u_gate_z + h_gate_z)
     z = (1.0 - dt_z) * z + dt_z * torch.tanh(u_cand_z + h_cand_z)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..nn import RNNModel
 
 EVAL_BYTES = 256 * 2**20  # evaluation: as many series per call as keep the layer's outputs under this
+GATE_BLOCKS = {"lem": 4, "lstm": 4, "gru": 3}  # H-blocks of input and recurrent weights (LEM: docs/paper.md §1)
 
 class Task:
     """What an experiment states. Subclass it in <experiment>/train.py."""
@@ -43,8 +44,13 @@ class Task:
     def memory_needs(cls, args):
         """What this run's data and first training step take at the least, in bytes, known from the
         flags before anything is allocated: {what, naming its flags: bytes}. The harness stops a run
-        that needs more than its device has free. {}: not estimated."""
-        return {}
+        that needs more than its device has free. Here: the recurrent layer's weights, their
+        gradients and Adam's two moments; an experiment adds its data and a step's states."""
+        blocks = GATE_BLOCKS.get(args.model)
+        if blocks is None:
+            return {}
+        weights = blocks * args.nhid * ((cls.input_size or 1) + args.nhid + 2)  # W_in, W_hh and two biases
+        return {"--nhid (the recurrent weights, their gradients and Adam's two moments)": 4 * 4 * weights}
 
     @classmethod
     def search_space(cls, trial, model):

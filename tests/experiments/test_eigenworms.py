@@ -49,6 +49,20 @@ def test_unequal_lengths_are_padded_and_cached(tmp_path, monkeypatch):
     assert torch.equal(again["splits"]["test"][0], loaded["splits"]["test"][0])
 
 
+def test_a_ts_file_cut_short_is_named(tmp_path):
+    """A .ts file cut at a line boundary still parses: the paper's series count (259) names it."""
+    folder = tmp_path / "uea_ucr" / "EigenWorms"
+    folder.mkdir(parents=True)
+    for part in ("TRAIN", "TEST"):  # BasicMotions' files (40 series each) as EigenWorms'
+        lines = (data.BUNDLED / "BasicMotions" / f"BasicMotions_{part}.ts").read_text().splitlines(keepends=True)
+        (folder / f"EigenWorms_{part}.ts").write_text("".join(lines[:-28] if part == "TEST" else lines))
+    with pytest.raises(data.DataError) as e:
+        data.load_splits("EigenWorms", tmp_path)
+    assert str(e.value) == (f"EigenWorms has 259 series (docs/paper.md §3.2), its files hold 52 ({folder}/EigenWorms_TRAIN.ts "
+                            f"40 and {folder}/EigenWorms_TEST.ts 12): one is cut short or damaged. Delete {folder} to "
+                            f"download it again.")
+
+
 def test_unknown_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="not a UEA/UCR classification dataset"):
         data.load_splits("NoSuchWorms", tmp_path)

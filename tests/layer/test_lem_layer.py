@@ -254,3 +254,9 @@ def test_models_and_heads(model, head, shape):
 def test_unknown_model_raises():
     with pytest.raises(ValueError, match="lem"):
         lem.RNNModel("transformer", 2, 8, 3)
+
+
+def test_out_of_memory_names_the_linear_and_its_size():
+    with pytest.raises(RuntimeError, match=r"LEM\(hidden_size=1000000\): out of memory making hid2hid = "
+                                           r"Linear\(1000000, 3000000\), a weight of 1.12e\+04 GiB"):
+        lem.LEM(1, 10**6)

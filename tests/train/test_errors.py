@@ -28,6 +28,7 @@ BAD_FLAGS = [
     ("adding", ["--lr", "-1"], "argument --lr: must be a finite number > 0, got -1.0"),
     ("adding", ["--dt", "0"], "argument --dt: must be a finite number > 0, got 0.0"),
     ("adding", ["--dt", "inf"], "argument --dt: must be a finite number, got inf"),
+    ("adding", ["--dt", "nan"], "argument --dt: must be a finite number, got nan"),
     ("adding", ["--seed", "-1"], "argument --seed: must be an integer in [0, 4294967295], got -1"),
     ("adding", ["--seed", "1e20"], "argument --seed: must be an integer in [0, 4294967295], got '1e20'"),
     ("adding", ["--seed", str(2**32)], "argument --seed: must be an integer in [0, 4294967295], got 4294967296"),
@@ -166,6 +167,15 @@ def test_a_run_beyond_the_machine_stops_before_allocating(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_model_beyond_the_machine_stops_before_allocating_in_any_experiment(tmp_path, capsys):
+    """The base Task counts the recurrent weights with their gradients and Adam's moments: a huge
+    --nhid stops before the data are made or a folder is written (FitzHugh-Nagumo would solve its
+    ODEs first), naming the flag."""
+    code, line = refusal("fitzhugh_nagumo", ["--nhid", "1000000", "--device", "cpu"], tmp_path, capsys)
+    assert code == 1 and line.startswith("this run needs at least ") and line.endswith("Make --nhid smaller.")
+    assert "--nhid (the recurrent weights, their gradients and Adam's two moments) 5.96e+04 GiB" in line
+
+
 def test_a_nan_before_any_checkpoint_says_so(tmp_path, capsys):
     task_cls = experiments.task_class("adding")
     with pytest.raises(SystemExit) as stop:
@@ -190,6 +200,10 @@ def test_records_have_the_umask_mode_and_a_damaged_one_is_skipped_by_results(tmp
     assert err == f"skipping {tmp_path / 'broken'}: summary.json does not parse (JSONDecodeError: " \
                   f"Unterminated string starting at: line 1 column 16 (char 15))\n"
     assert "adding" in out
+    with open(run_dir / "log.jsonl", "a") as log:
+        log.write('{"epoch": 2, "st')  # a log line cut short
+    assert len(results.read_log(run_dir)) == 1
+    assert capsys.readouterr().err == f"{run_dir / 'log.jsonl'}: line 2 does not parse; the curve ends at line 1\n"
 
 
 def test_an_error_in_training_leaves_the_summary_saying_failed(tmp_path):
