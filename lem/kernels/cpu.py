@@ -112,7 +112,8 @@ def _write_build_log(folder, error):
 
 def _import_built(name, folder):
     """The extension built earlier under this name, imported without cpp_extension.load, which runs
-    ninja and takes its build lock (a second or more of every run's start, docs/kernels.md); None when there is none to import."""
+    ninja and takes its build lock (a second or more of every run's start, docs/kernels.md); None when
+    there is none to import."""
     path = Path(folder) / f"{name}.so"
     if not path.exists():
         return None

@@ -751,7 +751,8 @@ bool mixed_precision(const c10::optional<at::ScalarType>& gemm) { return gemm.ha
 
 // The weight gradients under mixed precision: lem_backward's GEMMs over all T·B rows with their inputs
 // rounded to the products' dtype `low` (as autocast's backward of nn.Linear takes them), each oriented
-// as oneDNN's bfloat16 kernels run it fastest (d u_proj^T on the left), widened to float32. Returns d x (empty unless needs_dx), d w_in, d w_hh, d w_tz.
+// as oneDNN's bfloat16 kernels run it fastest (d u_proj^T on the left), widened to float32. Returns
+// d x (empty unless needs_dx), d w_in, d w_hh, d w_tz.
 std::vector<at::Tensor> weight_grads_low(const at::Tensor& d_u, const at::Tensor& x, const at::Tensor& w_in,
                                          const at::Tensor& y0, const at::Tensor& ys, const at::Tensor& zs,
                                          const at::Tensor& mask, at::ScalarType low, bool needs_dx) {
@@ -816,13 +817,21 @@ void check(const at::Tensor& t, int64_t width, const at::Tensor& y0, const char*
               "lem_cpu: ", what, " must be (T, B, ", width, "H) with T > 0");
 }
 
-}  // namespace
-
 // The weight as lem_forward's products took it under mixed precision: rounded to `low`, and for the
 // per-row strategy's float32 products widened back.
 at::Tensor rounded_weight(const at::Tensor& w, at::ScalarType low, bool rowwise) {
   return rowwise ? w.to(low).to(at::kFloat) : w.to(low);
 }
+
+// The gradient of ys as a dense copy in a cached buffer (the gradient of ys.sum(), say, comes as an
+// expanded view), zeros where none reached ys.
+at::Tensor dense_or_zeros(const c10::optional<at::Tensor>& g, at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  at::Tensor out = empty_large(sizes, opt);
+  if (g.has_value() && g->defined()) out.copy_(*g); else out.zero_();
+  return out;
+}
+
+}  // namespace
 
 // x (T, B, I), w_in (4H, I), the biases b_in (4H), b_hh (3H), b_tz (H) or none, lengths (B,) or none.
 // Returns ys (T, B, H), z_T (B, H) and, when keep (for a backward), zs (T, B, H) and the activations
@@ -891,14 +900,6 @@ std::vector<at::Tensor> lem_forward(at::Tensor x, at::Tensor w_in, c10::optional
   // without keep, the per-row strategy leaves z_T in zs[0], the GEMM one in zs[(T - 1) % 2]
   const int64_t last = rowwise ? 0 : (s.T - 1) % 2;
   return {ys, zs[last].clone(), at::empty({0}, opt), at::empty({0}, opt)};
-}
-
-// The gradient of ys as a dense copy in a cached buffer (the gradient of ys.sum(), say, comes as an
-// expanded view), zeros where none reached ys.
-at::Tensor dense_or_zeros(const c10::optional<at::Tensor>& g, at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  at::Tensor out = empty_large(sizes, opt);
-  if (g.has_value() && g->defined()) out.copy_(*g); else out.zero_();
-  return out;
 }
 
 // grad_ys and grad_zT may be undefined (no gradient reached them: zero). Returns d x (empty unless

@@ -10,8 +10,8 @@ their inputs read back from what the step before wrote (STREAM). The dispatcher 
 call here only where `shared_memory` of one of the two is within the GPU's shared memory per
 block (an upper bound that tests/kernels/test_fit.py checks against what Triton allocates).
 
-Layouts (gpu.py): u_proj and the saved activations are (T, B, 4H) in the order
-reference.GPU_BLOCKS, [gate y, gate z, cand z, cand y]; ys, zs are (T + 1, B, H) with y_0, z_0 as step 0. With per-row
+Layouts (gpu.py): u_proj and the saved activations are (T, B, 4H) in the order reference.GPU_BLOCKS,
+[gate y, gate z, cand z, cand y]; ys, zs are (T + 1, B, H) with y_0, z_0 as step 0. With per-row
 lengths (HAS_LEN), a row's y and z stay as they are from step lengths[b] on (tl.where), and its
 gradients of u_proj there are zero.
 """
