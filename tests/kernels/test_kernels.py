@@ -11,7 +11,7 @@ import lem
 from lem import kernels
 from lem.tools import bench
 from lem.kernels import cpu
-from helpers import read_run, run_train, train_env
+from helpers import train_env
 from asserts import assert_close_relative, assert_lengths_match, assert_matches, run
 
 
@@ -214,12 +214,3 @@ def test_bench_peak_memory_sees_a_large_allocation():
         pytest.skip("peak resident memory is measured on Linux with glibc only")
     big = 64 * 2**20
     assert bench.peak_bytes(lambda: torch.ones(big // 4), torch.device("cpu")) >= big * 0.9
-
-
-def test_harness_backend_flag_trains_the_same_model(tmp_path):
-    finals = {}
-    for backend in ("reference", "cpp"):
-        run_train("adding", "--seq-length", 20, "--max-iter", 200, "--test-size", 40, "--nhid", 8, "--batch", 10,
-                  "--backend", backend, out_dir=tmp_path / backend, data_dir=tmp_path)
-        finals[backend] = read_run(tmp_path / backend / "lem_T20_h8_seed5544")[0]["test"]
-    assert finals["cpp"] == pytest.approx(finals["reference"], rel=1e-3)

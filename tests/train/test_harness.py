@@ -329,3 +329,14 @@ def test_seeds_and_results_table(tmp_path, capsys):
     results.main([str(tmp_path)])
     table = capsys.readouterr().out
     assert "adding" in table and "1e-4 ... 1e-5" in table and f"{lem_row['mean']:.4g}" in table
+
+
+def test_the_backend_flag_trains_the_same_model(tmp_path):
+    """--backend cpp and --backend reference train the same adding model to the same figure (here, not
+    with the kernel tests: those run in CI's venv that has only the layer's dependencies)."""
+    finals = {}
+    for backend in ("reference", "cpp"):
+        run_train("adding", "--seq-length", 20, "--max-iter", 200, "--test-size", 40, "--nhid", 8, "--batch", 10,
+                  "--backend", backend, out_dir=tmp_path / backend, data_dir=tmp_path)
+        finals[backend] = read_run(tmp_path / backend / "lem_T20_h8_seed5544")[0]["test"]
+    assert finals["cpp"] == pytest.approx(finals["reference"], rel=1e-3)
