@@ -16,6 +16,7 @@ import torch
 from .. import kernels
 from ..data import data_dir as resolve_data_dir
 from . import distributed, rundir
+from .task import SEARCHABLE
 
 
 class Parser(argparse.ArgumentParser):
@@ -156,7 +157,7 @@ def build_parser(task_cls):
     unknown = set(task_cls.defaults) - {a.dest for a in p._actions}
     if unknown:
         raise TypeError(f"{task_cls.__name__}.defaults names no flag of its parser: {', '.join(sorted(unknown))}")
-    unsearchable = set(task_cls.search) - {"lr", "batch", "dt", "grad_norm"}
+    unsearchable = set(task_cls.search) - set(SEARCHABLE)
     if unsearchable:
         raise TypeError(f"{task_cls.__name__}.search names what Task.search_space does not search: "
                         f"{', '.join(sorted(unsearchable))} (override search_space to search it)")

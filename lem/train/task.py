@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..nn import RNNModel
 
 EVAL_BYTES = 256 * 2**20  # evaluation: as many series per call as keep the layer's outputs under this
+SEARCHABLE = ("lr", "batch", "dt", "grad_norm")  # what Task.search_space draws (Task.search names their ranges)
 GATE_BLOCKS = {"lem": 4, "lstm": 4, "gru": 3}  # H-blocks of input and recurrent weights (LEM: docs/paper.md §1)
 
 class Task:
